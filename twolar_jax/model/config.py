@@ -1,0 +1,153 @@
+"""T5 hyper-parameters as one frozen dataclass, and the named presets (t5x's `T5Config` habit)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FEED_FORWARD_KINDS = ("relu", "gated-gelu")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Everything the network needs; parameters are always stored in fp32, `dtype` is the compute dtype."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_heads: int = 6
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    remat: bool = False
+    decoder_start_token_id: int = 0
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        if self.feed_forward_proj not in FEED_FORWARD_KINDS:
+            raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected one of {FEED_FORWARD_KINDS}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"T5Config.dtype={self.dtype!r}: expected one of {COMPUTE_DTYPES}")
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
+                     "num_decoder_layers", "relative_attention_num_buckets"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"T5Config.{name}={value!r}: expected a positive int")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj == "gated-gelu"
+
+    def replace(self, **changes: Any) -> "T5Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "T5Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown T5Config fields: {unknown}")
+        return cls(**values)
+
+    # --- transformers' config.json ---------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "T5Config":
+        """Read a transformers T5 config.json; refuses other architectures by name."""
+        model_type = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        if model_type != "t5" or any(not a.startswith("T5") for a in archs):
+            raise ValueError(
+                f"{source}: unknown architecture (model_type={model_type!r}, architectures={archs}); "
+                "only T5 encoder-decoder checkpoints (t5, t5-v1_1, flan-t5, monoT5, TWOLAR) are supported"
+            )
+        proj = hf.get("feed_forward_proj", "relu")
+        if proj not in FEED_FORWARD_KINDS:
+            raise ValueError(f"{source}: feed_forward_proj={proj!r} is not supported (expected {FEED_FORWARD_KINDS})")
+        num_layers = int(hf.get("num_layers", 6))
+        return cls(
+            vocab_size=int(hf.get("vocab_size", 32128)),
+            d_model=int(hf.get("d_model", 512)),
+            d_kv=int(hf.get("d_kv", 64)),
+            d_ff=int(hf.get("d_ff", 2048)),
+            num_heads=int(hf.get("num_heads", 8)),
+            num_encoder_layers=num_layers,
+            num_decoder_layers=int(hf.get("num_decoder_layers") or num_layers),
+            relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+            relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+            dropout_rate=float(hf.get("dropout_rate", 0.1)),
+            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+            feed_forward_proj=proj,
+            # T5 v1.0 ties (and scales the decoder output); v1.1 / Flan-T5 write tie_word_embeddings=false.
+            tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False,
+            decoder_start_token_id=int(hf.get("decoder_start_token_id", 0) or 0),
+            pad_token_id=int(hf.get("pad_token_id", 0) or 0),
+            eos_token_id=int(hf.get("eos_token_id", 1) if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0]),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "architectures": ["T5ForConditionalGeneration"],
+            "model_type": "t5",
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "d_kv": self.d_kv,
+            "d_ff": self.d_ff,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_encoder_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+            "dropout_rate": self.dropout_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "feed_forward_proj": self.feed_forward_proj,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "is_encoder_decoder": True,
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+
+
+def _t5_v1_0(d_model: int, d_kv: int, d_ff: int, heads: int, layers: int) -> T5Config:
+    return T5Config(d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_heads=heads, num_encoder_layers=layers,
+                    num_decoder_layers=layers, feed_forward_proj="relu", tie_word_embeddings=True)
+
+
+def _flan(d_model: int, d_ff: int, heads: int, layers: int, d_kv: int = 64) -> T5Config:
+    return T5Config(d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_heads=heads, num_encoder_layers=layers,
+                    num_decoder_layers=layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+PRESETS: dict[str, T5Config] = {
+    "t5-small": _t5_v1_0(512, 64, 2048, 8, 6),
+    "t5-base": _t5_v1_0(768, 64, 3072, 12, 12),
+    "t5-large": _t5_v1_0(1024, 64, 4096, 16, 24),
+    "t5-3b": _t5_v1_0(1024, 128, 16384, 32, 24),
+    "flan-t5-small": _flan(512, 1024, 6, 8),
+    "flan-t5-base": _flan(768, 2048, 12, 12),
+    "flan-t5-large": _flan(1024, 2816, 16, 24),
+    "flan-t5-xl": _flan(2048, 5120, 32, 24),
+    "flan-t5-xxl": _flan(4096, 10240, 64, 24),
+}
+# `tiny` is flan-t5-small shrunk (as t5x's tiny.gin includes a real size and shrinks it): real vocabulary,
+# real layout, small enough for CPU tests and the demo.
+PRESETS["tiny"] = PRESETS["flan-t5-small"].replace(
+    d_model=64, d_kv=16, d_ff=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2)
+
+
+def preset(name: str, **overrides: Any) -> T5Config:
+    """A named preset, optionally with fields replaced (e.g. dtype="bfloat16")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

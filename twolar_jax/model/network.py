@@ -1,0 +1,367 @@
+"""Flax linen T5 encoder-decoder (v1.0 and v1.1 / Flan-T5) in the style of t5x's examples/t5 network.
+
+Parameter names follow t5x, so the HF name table in `hf_conversion` is the only place that knows
+transformers' names. Every parameter is created with logical axis names and activations carry logical
+constraints: `partitioning` maps those names onto a mesh, the model never names mesh axes itself.
+Numerics follow transformers' `T5ForConditionalGeneration`: RMS norm in fp32, no 1/sqrt(d) attention
+scaling, relative position buckets computed once per stack and shared by its layers, decoder output
+scaled by d_model^-0.5 only when embeddings are tied (T5 v1.0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twolar_jax.model.config import T5Config
+
+Array = jax.Array
+MASK_VALUE = -1e10  # finite, so a fully padded row (a masked passage) gives uniform attention, not NaN
+
+
+def _dtype(config: T5Config) -> jnp.dtype:
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def _normal(stddev: float):
+    return nn.initializers.normal(stddev=stddev)
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's bucketing of key-minus-query offsets: exact for small offsets, log-spaced up to max_distance."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+        relative_position = jnp.abs(relative_position)
+    else:
+        relative_position = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    safe = jnp.maximum(relative_position, 1).astype(jnp.float32)
+    if_large = max_exact + (
+        jnp.log(safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    if_large = jnp.minimum(if_large, num_buckets - 1)
+    return buckets + jnp.where(is_small, relative_position, if_large)
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no mean subtraction, computed in fp32."""
+
+    epsilon: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (x32 * scale).astype(self.dtype)
+
+
+class RelativePositionBias(nn.Module):
+    """One [heads, buckets] table per stack; returns the additive bias [1, heads, q, k] in fp32."""
+
+    config: T5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        c = self.config
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(_normal(c.d_model ** -0.5), ("heads", "relpos_buckets")),
+            (c.num_heads, c.relative_attention_num_buckets), jnp.float32)
+        relative = key_positions[None, :] - query_positions[:, None]
+        buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                           num_buckets=c.relative_attention_num_buckets,
+                                           max_distance=c.relative_attention_max_distance)
+        bias = jnp.take(table, buckets, axis=1)  # [heads, q, k]
+        return bias[None]
+
+
+class _Projection(nn.Module):
+    """A bias-free projection holding one `kernel`, so parameter paths read attention/query/kernel."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    stddev: float
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("kernel", nn.with_logical_partitioning(_normal(self.stddev), self.axes),
+                          self.shape, jnp.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without 1/sqrt(d) scaling; logits and softmax in fp32."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, *, enable_dropout: bool,
+                 decode_index: Array | None = None, cache_step: bool = False) -> Array:
+        c = self.config
+        dtype = _dtype(c)
+        d, h, k = c.d_model, c.num_heads, c.d_kv
+        # t5x names the projections query/key/value/out, each a DenseGeneral with [embed, heads, kv] kernels.
+        wq = _Projection((d, h, k), ("embed", "heads", "kv"), (d * k) ** -0.5, name="query")()
+        wk = _Projection((d, h, k), ("embed", "heads", "kv"), d ** -0.5, name="key")()
+        wv = _Projection((d, h, k), ("embed", "heads", "kv"), d ** -0.5, name="value")()
+        wo = _Projection((h, k, d), ("heads", "kv", "embed"), (h * k) ** -0.5, name="out")()
+        q = jnp.einsum("bld,dhk->blhk", inputs_q.astype(dtype), wq.astype(dtype))
+        key = jnp.einsum("bld,dhk->blhk", inputs_kv.astype(dtype), wk.astype(dtype))
+        value = jnp.einsum("bld,dhk->blhk", inputs_kv.astype(dtype), wv.astype(dtype))
+        q = _constrain(q, ("batch", "length", "heads", "kv"))
+        key = _constrain(key, ("batch", "length", "heads", "kv"))
+        value = _constrain(value, ("batch", "length", "heads", "kv"))
+        if decode_index is not None:
+            # Incremental decoding: the first call creates a zero cache of the full length; each later
+            # one-token call writes its key/value at decode_index and attends over the whole cache.
+            cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+            cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+            if cache_step:
+                cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, decode_index, 0, 0))
+                cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, decode_index, 0, 0))
+                key, value = cached_key.value, cached_value.value
+        logits = jnp.einsum("bqhk,bthk->bhqt", q, key, preferred_element_type=jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1)
+        weights = nn.Dropout(c.dropout_rate)(weights, deterministic=not enable_dropout).astype(dtype)
+        out = jnp.einsum("bhqt,bthk->bqhk", weights, value)
+        out = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dtype))
+        return _constrain(out, ("batch", "length", "embed"))
+
+
+class MlpBlock(nn.Module):
+    """ReLU (T5 v1.0) or gated-GELU with the tanh approximation (T5 v1.1 / Flan-T5)."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, *, enable_dropout: bool) -> Array:
+        c = self.config
+        dtype = _dtype(c)
+        x = x.astype(dtype)
+        if c.is_gated:
+            wi_0 = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi_0")()
+            wi_1 = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi_1")()
+            hidden = jax.nn.gelu(x @ wi_0.astype(dtype), approximate=True) * (x @ wi_1.astype(dtype))
+        else:
+            wi = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi")()
+            hidden = jax.nn.relu(x @ wi.astype(dtype))
+        hidden = _constrain(hidden, ("batch", "length", "mlp"))
+        hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=not enable_dropout)
+        wo = _Projection((c.d_ff, c.d_model), ("mlp", "embed"), c.d_ff ** -0.5, name="wo")()
+        return _constrain(hidden @ wo.astype(dtype), ("batch", "length", "embed"))
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array:
+        c = self.config
+        dtype = _dtype(c)
+        drop = nn.Dropout(c.dropout_rate)
+        y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
+        y = Attention(c, name="attention")(y, y, bias, enable_dropout=enable_dropout)
+        x = x + drop(y, deterministic=not enable_dropout)
+        y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+        y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
+        return _constrain(x + drop(y, deterministic=not enable_dropout), ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array, enable_dropout: bool,
+                 decode_index: Array | None = None, cache_step: bool = False) -> Array:
+        c = self.config
+        dtype = _dtype(c)
+        drop = nn.Dropout(c.dropout_rate)
+        y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
+        y = Attention(c, name="self_attention")(y, y, self_bias, enable_dropout=enable_dropout,
+                                                decode_index=decode_index, cache_step=cache_step)
+        x = x + drop(y, deterministic=not enable_dropout)
+        y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
+        y = Attention(c, name="encoder_decoder_attention")(y, encoded, cross_bias, enable_dropout=enable_dropout)
+        x = x + drop(y, deterministic=not enable_dropout)
+        y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+        y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
+        return _constrain(x + drop(y, deterministic=not enable_dropout), ("batch", "length", "embed"))
+
+
+def _padding_bias(key_tokens: Array) -> Array:
+    """[B, 1, 1, K] additive fp32 mask: 0 for real tokens, MASK_VALUE for padding (id 0)."""
+    return jnp.where(key_tokens > 0, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :]
+
+
+class Encoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    @nn.compact
+    def __call__(self, tokens: Array, enable_dropout: bool) -> Array:
+        c = self.config
+        x = self.embedder(tokens).astype(_dtype(c))
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
+        x = _constrain(x, ("batch", "length", "embed"))
+        positions = jnp.arange(tokens.shape[1])
+        bias = RelativePositionBias(c, bidirectional=True, name="relpos_bias")(positions, positions)
+        bias = bias + _padding_bias(tokens)
+        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if c.remat else EncoderLayer
+        for i in range(c.num_encoder_layers):
+            x = layer_cls(c, name=f"layers_{i}")(x, bias, enable_dropout)
+        x = RMSNorm(c.layer_norm_epsilon, _dtype(c), name="encoder_norm")(x)
+        return nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
+
+
+class Decoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    @nn.compact
+    def __call__(self, encoded: Array, encoder_tokens: Array, decoder_tokens: Array, enable_dropout: bool,
+                 decode: bool = False, output_vocab_ids: Array | None = None) -> Array:
+        c = self.config
+        dtype = _dtype(c)
+        x = self.embedder(decoder_tokens).astype(dtype)
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
+        x = _constrain(x, ("batch", "length", "embed"))
+        length = decoder_tokens.shape[1]
+        decode_index, cache_step = None, False
+        query_positions = key_positions = jnp.arange(length)
+        if decode:
+            cache_step = self.has_variable("cache", "decode_index")
+            index = self.variable("cache", "decode_index", lambda: jnp.array(0, dtype=jnp.int32))
+            cached_positions = self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
+            decode_index = index.value
+            if cache_step:
+                if length != 1:
+                    raise ValueError(f"incremental decoding takes one token per step, got {length}")
+                index.value = index.value + 1
+                query_positions, key_positions = decode_index[None], cached_positions.value
+        causal = jnp.where(key_positions[None, :] <= query_positions[:, None], 0.0, MASK_VALUE)
+        self_bias = RelativePositionBias(c, bidirectional=False, name="relpos_bias")(query_positions, key_positions)
+        self_bias = self_bias + causal[None, None].astype(jnp.float32)
+        cross_bias = _padding_bias(encoder_tokens)
+        layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 7)) if c.remat and not decode else DecoderLayer
+        for i in range(c.num_decoder_layers):
+            x = layer_cls(c, name=f"layers_{i}")(x, encoded, self_bias, cross_bias, enable_dropout, decode_index,
+                                                 cache_step)
+        x = RMSNorm(c.layer_norm_epsilon, dtype, name="decoder_norm")(x)
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
+        if c.tie_word_embeddings:
+            # T5 v1.0 reuses the input embedding and scales the decoder output by d_model^-0.5.
+            kernel = self.embedder.embedding_table().T
+            x = x * (c.d_model ** -0.5)
+        else:
+            # t5x initialises logits_dense with fan-in variance scaling (HF uses std 1.0, which gives logits ~50).
+            kernel = _Projection((c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model ** -0.5,
+                                 name="logits_dense")()
+        if output_vocab_ids is not None:
+            # Scoring reads only a few vocabulary entries: slicing the kernel first skips the [D, V] matmul.
+            kernel = jnp.take(kernel, output_vocab_ids, axis=1)
+        logits = jnp.einsum("bld,dv->blv", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        if output_vocab_ids is None:
+            logits = _constrain(logits, ("batch", "length", "vocab"))
+        return logits
+
+class Embedder(nn.Module):
+    """The shared token embedding [vocab, embed]."""
+
+    config: T5Config
+
+    def setup(self) -> None:
+        c = self.config
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(_normal(1.0), ("vocab", "embed")),
+                                    (c.vocab_size, c.d_model), jnp.float32)
+
+    def __call__(self, tokens: Array) -> Array:
+        return jnp.take(self.embedding, tokens, axis=0)
+
+    def embedding_table(self) -> Array:
+        return self.embedding
+
+
+class T5(nn.Module):
+    """Encoder-decoder T5. Token id 0 is padding: attention masks come from tokens != 0 (t5x convention)."""
+
+    config: T5Config
+
+    def setup(self) -> None:
+        self.token_embedder = Embedder(self.config)
+        self.encoder = Encoder(self.config, self.token_embedder)
+        self.decoder = Decoder(self.config, self.token_embedder)
+
+    def encode(self, encoder_input_tokens: Array, *, enable_dropout: bool = False) -> Array:
+        _check_tokens(encoder_input_tokens, "encoder_input_tokens")
+        return self.encoder(encoder_input_tokens, enable_dropout)
+
+    def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array, *,
+               enable_dropout: bool = False, decode: bool = False, output_vocab_ids: Array | None = None) -> Array:
+        return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout, decode,
+                            output_vocab_ids)
+
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array, *,
+                 enable_dropout: bool = False) -> Array:
+        encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout=enable_dropout)
+
+    def first_step_logits(self, encoder_input_tokens: Array, *, enable_dropout: bool = False,
+                          vocab_ids: Sequence[int] | Array | None = None) -> Array:
+        """fp32 logits [B, V] (or [B, len(vocab_ids)]) of the first decoder step from the start token."""
+        encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+        start = jnp.full((encoder_input_tokens.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
+        ids = None if vocab_ids is None else jnp.asarray(vocab_ids, jnp.int32)
+        return self.decode(encoded, encoder_input_tokens, start, enable_dropout=enable_dropout,
+                           output_vocab_ids=ids)[:, 0, :]
+
+
+def _check_tokens(tokens: Array, name: str) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"{name}: expected shape [batch, length], got {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+
+
+def _dummy_tokens(length: int = 4) -> np.ndarray:
+    return np.ones((1, length), np.int32)
+
+
+def init_boxed(config: T5Config, rng: Array) -> Any:
+    """Params as created by flax, each wrapped in nn.LogicallyPartitioned (carries its logical axes)."""
+    return T5(config).init(rng, _dummy_tokens(), _dummy_tokens())["params"]
+
+
+def init_params(config: T5Config, rng: Array | int = 0) -> Any:
+    """Random fp32 params (plain arrays), as T5ForConditionalGeneration initialises them."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    return nn.meta.unbox(init_boxed(config, rng))
+
+
+def logical_axes(config: T5Config) -> Any:
+    """PartitionSpecs of logical axis names, in the same tree structure as the params."""
+    abstract = jax.eval_shape(lambda: init_boxed(config, jax.random.PRNGKey(0)))
+    return nn.get_partition_spec(abstract)
+
+
+def check_vocab_ids(tokens: np.ndarray, config: T5Config, name: str = "tokens") -> None:
+    """Unknown token ids would be silently clamped by `take`: reject them with the offending value."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
+        bad = int(tokens.max() if tokens.max() >= config.vocab_size else tokens.min())
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {config.vocab_size})")

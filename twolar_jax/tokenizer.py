@@ -1,0 +1,94 @@
+"""The T5 / Flan-T5 SentencePiece vocabulary and the reranking template with document-only truncation.
+
+Reference rerankers (TWOLAR's README, `rerankers`) tokenize the whole templated string and cut it from
+the end, so a long passage loses the trailing "Relevant:" the model was trained to answer after. We cut
+document tokens only; `truncation="whole"` keeps the reference behaviour for exact reproduction.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import sentencepiece as spm
+
+DEFAULT_SPIECE = Path(__file__).resolve().parent / "assets" / "spiece.model"
+EXTRA_IDS = 100
+TEMPLATE = "Query: {query} Document: {document} Relevant:"
+TRUNCATION_MODES = ("document", "whole")
+_EXTRA_ID = re.compile(r"^<extra_id_(\d+)>$")
+
+
+class T5Tokenizer:
+    """sentencepiece plus T5's 100 sentinel ids (<extra_id_0> is the last id, 32099)."""
+
+    pad_id = 0
+    eos_id = 1
+    unk_id = 2
+
+    def __init__(self, path: str | os.PathLike | None = None, *, extra_ids: int = EXTRA_IDS) -> None:
+        self.path = Path(path) if path is not None else DEFAULT_SPIECE
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: SentencePiece model not found")
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.extra_ids = extra_ids
+        self.base_vocab_size = self._sp.get_piece_size()
+        self.vocab_size = self.base_vocab_size + extra_ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without EOS."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str to tokenize, got {type(text).__name__}")
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        if ids and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self._sp.decode([i for i in ids if 0 < i < self.base_vocab_size])
+
+    def piece_to_id(self, piece: str) -> int:
+        match = _EXTRA_ID.match(piece)
+        if match:
+            n = int(match.group(1))
+            if n >= self.extra_ids:
+                raise KeyError(f"{piece}: only {self.extra_ids} extra ids")
+            return self.vocab_size - 1 - n
+        token_id = self._sp.piece_to_id(piece)
+        if token_id == self.unk_id and piece != self._sp.id_to_piece(self.unk_id):
+            raise KeyError(f"piece {piece!r} is not in the vocabulary {self.path}")
+        return token_id
+
+    def id_to_piece(self, token_id: int) -> str:
+        if self.base_vocab_size <= token_id < self.vocab_size:
+            return f"<extra_id_{self.vocab_size - 1 - token_id}>"
+        return self._sp.id_to_piece(int(token_id))
+
+
+def assemble_pair(prefix: list[int], document: list[int], suffix: list[int], *, max_length: int,
+                  eos_id: int = 1) -> list[int]:
+    """prefix + document cut to the budget + suffix + EOS; cuts the query only if even that cannot fit."""
+    budget = max_length - len(prefix) - len(suffix) - 1
+    if budget < 0:
+        # A query longer than the window: keep its start, the "Document:" marker is lost with it.
+        prefix = prefix[: max(0, max_length - len(suffix) - 1)]
+        budget = 0
+    return prefix + document[:budget] + suffix + [eos_id]
+
+
+def encode_query_document(tokenizer: T5Tokenizer, query: str, document: str, *, max_length: int = 512,
+                          truncation: str = "document") -> list[int]:
+    """Token ids of `Query: {q} Document: {d} Relevant:` + EOS, at most max_length long."""
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation={truncation!r}: expected one of {TRUNCATION_MODES}")
+    if max_length < 8:
+        raise ValueError(f"max_length={max_length} is too small for the template")
+    if truncation == "whole":
+        ids = tokenizer.encode(TEMPLATE.format(query=query, document=document))
+        return ids[: max_length - 1] + [tokenizer.eos_id]
+    return assemble_pair(tokenizer.encode(f"Query: {query} Document:"), tokenizer.encode(document),
+                         tokenizer.encode("Relevant:"), max_length=max_length, eos_id=tokenizer.eos_id)
