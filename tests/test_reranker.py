@@ -55,6 +55,10 @@ def test_bad_inputs(params):
         rr.rank("q", ["a", "b"], doc_ids=["x"])
     with pytest.raises(TypeError, match="pair 1 is \\(str, NoneType\\)"):
         rr.score_pairs(["q", "q"], ["a", None])
+    with pytest.raises(ValueError, match=r"input 1: token id 40000 is outside the vocabulary \[0, 32128\)"):
+        rr.score_token_ids([[5, 1], [40000, 1]])
+    with pytest.raises(ValueError, match="more than the longest length bucket 64"):
+        rr.score_token_ids([[5] * 80 + [1]])
     with pytest.raises(ValueError, match="unknown score head"):
         Reranker.from_params(CONFIG, params, score="sigmoid")
 

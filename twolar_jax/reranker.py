@@ -35,10 +35,13 @@ class RankedDoc:
 
 
 def default_length_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from 64 up to max_length, and max_length itself."""
+    """64, 96, 128, 192, 256, 384, ... up to max_length: at most ~1.5x padding, a handful of shapes."""
     buckets, size = [], 64
     while size < max_length:
         buckets.append(size)
+        half_step = size * 3 // 2
+        if half_step < max_length:
+            buckets.append(half_step)
         size *= 2
     return tuple(buckets + [max_length])
 
@@ -128,6 +131,13 @@ class Reranker:
         if not encoded:
             return scores
         lengths = np.array([len(ids) for ids in encoded])
+        if lengths.max() > self.length_buckets[-1]:
+            raise ValueError(f"input {int(lengths.argmax())} has {lengths.max()} tokens, more than the longest "
+                             f"length bucket {self.length_buckets[-1]}")
+        for i, ids in enumerate(encoded):
+            if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
+                bad = max(ids) if max(ids) >= self.config.vocab_size else min(ids)
+                raise ValueError(f"input {i}: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         bucket_of = np.searchsorted(np.array(self.length_buckets), lengths)
         for b, bucket_len in enumerate(self.length_buckets):
             members = np.flatnonzero(bucket_of == b)

@@ -357,11 +357,3 @@ def logical_axes(config: T5Config) -> Any:
     """PartitionSpecs of logical axis names, in the same tree structure as the params."""
     abstract = jax.eval_shape(lambda: init_boxed(config, jax.random.PRNGKey(0)))
     return nn.get_partition_spec(abstract)
-
-
-def check_vocab_ids(tokens: np.ndarray, config: T5Config, name: str = "tokens") -> None:
-    """Unknown token ids would be silently clamped by `take`: reject them with the offending value."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
-        bad = int(tokens.max() if tokens.max() >= config.vocab_size else tokens.min())
-        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {config.vocab_size})")

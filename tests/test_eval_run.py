@@ -1,0 +1,239 @@
+"""The evaluation job end to end: rerank path (fake scorer and a real tiny Reranker), resume, gin entry."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from eval import readers, rerank as rerank_mod, runs
+from eval.run import console_main, evaluate
+
+
+def test_import_gives_our_package(repo_root):
+    import eval.run
+
+    assert eval.run.__file__.startswith(str(repo_root / "eval"))
+    assert callable(__builtins__["eval"] if isinstance(__builtins__, dict) else __builtins__.eval)
+
+
+class OracleScorer:
+    """Scores a pair by its qrels label (+ a small per-doc offset), counting the pairs it sees."""
+
+    def __init__(self, qrels, requests, fail_after_calls=None):
+        self.label = {(r.query, c.text): qrels.get(r.qid, {}).get(c.docid, 0) for r in requests for c in r.candidates}
+        self.calls = 0
+        self.pairs = 0
+        self.fail_after_calls = fail_after_calls
+
+    def score_pairs(self, queries, docs):
+        if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        self.pairs += len(docs)
+        return np.array([self.label[(q, d)] for q, d in zip(queries, docs)], np.float32)
+
+
+@pytest.fixture(scope="module")
+def dl19(data_dir):
+    return (readers.read_candidates_json(data_dir / "trec_dl" / "dl19_bm25_top100.json"),
+            readers.read_qrels(data_dir / "trec_dl" / "qrels.dl19-passage.txt"))
+
+
+def test_rerank_dl19_with_oracle(dl19, data_dir, tmp_path):
+    requests, qrels = dl19
+    scorer = OracleScorer(qrels, requests)
+    res = evaluate(output_dir=str(tmp_path), datasets=["trec_dl/dl19"], data_dir=str(data_dir), reranker=scorer,
+                   top_k=100, pairs_per_call=1000)
+    assert scorer.pairs == 4300 and scorer.calls == 5  # 10 queries x 100 pairs per call
+    run = readers.read_run(tmp_path / "trec_dl_dl19" / "run.trec")
+    for r in requests:
+        got = [d for d, _ in runs.ranked(run[r.qid])]
+        # Oracle order: label desc, then docid asc (our tie-break), over the 100 BM25 candidates.
+        want = sorted((c.docid for c in r.candidates), key=lambda d: (-qrels[r.qid].get(d, 0), d))
+        assert got == want
+    # nDCG@10 of the oracle order, computed by hand (gain = label, ideal over all judged docs).
+    def dcg(gains):
+        return sum(g / math.log2(i + 2) for i, g in enumerate(gains[:10]))
+
+    hand = np.mean([dcg([qrels[r.qid].get(c.docid, 0) for c in sorted(r.candidates, key=lambda c: -qrels[r.qid].get(
+        c.docid, 0))]) / dcg(sorted(qrels[r.qid].values(), reverse=True)) for r in requests])
+    assert res["trec_dl/dl19"]["nDCG@10"] == pytest.approx(hand, abs=1e-12)
+    assert res["trec_dl/dl19"]["nDCG@10"] > 0.5058
+    assert res["trec_dl/dl19"]["R@100"] == pytest.approx(0.4531, abs=1e-4)  # reranking top-100 keeps recall
+    metrics = json.loads((tmp_path / "trec_dl_dl19" / "metrics.json").read_text())
+    assert len(metrics["per_query"]) == 43 and metrics["mode"] == "rerank"
+    table = (tmp_path / "results.md").read_text()
+    assert table.splitlines()[2].startswith(f"| trec_dl/dl19 | {res['trec_dl/dl19']['nDCG@10']:.4f} |")
+
+
+def test_rerank_resumes_after_crash(dl19, tmp_path):
+    requests, qrels = dl19
+    requests = requests[:6]
+    scores_path = tmp_path / "scores.jsonl"
+    crashing = OracleScorer(qrels, requests, fail_after_calls=2)
+    with pytest.raises(KeyboardInterrupt):
+        rerank_mod.rerank(crashing, requests, top_k=50, pairs_per_call=100, scores_path=scores_path)
+    assert len(scores_path.read_text().splitlines()) == 4  # 2 calls x 2 queries of 50 pairs
+    with scores_path.open("a") as f:
+        f.write('{"qid": "torn')  # a write cut short by the crash
+    resumed = OracleScorer(qrels, requests)
+    run = rerank_mod.rerank(resumed, requests, top_k=50, pairs_per_call=100, scores_path=scores_path)
+    assert resumed.pairs == 2 * 50  # only the 2 queries not logged yet
+    fresh = rerank_mod.rerank(OracleScorer(qrels, requests), requests, top_k=50, pairs_per_call=100)
+    assert run == fresh and list(run) == [r.qid for r in requests]
+    assert len(scores_path.read_text().splitlines()) == 6
+
+
+def test_rerank_rejects_bad_scorer_output(dl19):
+    requests, _ = dl19
+
+    class Short:
+        def score_pairs(self, q, d):
+            return np.zeros(len(d) - 1, np.float32)
+
+    with pytest.raises(ValueError, match="returned 99 scores for 100 pairs"):
+        rerank_mod.rerank(Short(), requests[:1])
+
+
+def _toy_beir(root, name, n_docs=30):
+    d = root / "beir" / name
+    (d / "qrels").mkdir(parents=True)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    docs = [{"_id": f"{name}{i}", "title": words[i % 6], "text": f"{words[(i + 1) % 6]} doc {i}"} for i in range(n_docs)]
+    (d / "corpus.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+    (d / "queries.jsonl").write_text('{"_id": "1", "text": "alpha beta"}\n{"_id": "2", "text": "gamma"}\n')
+    (d / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\n1\t{name}0\t1\n2\t{name}2\t1\n")
+    return d
+
+
+def test_beir_with_run_file_first_stage(tmp_path):
+    """An existing run file as first stage (no Java needed); beir/* finds every dataset; BEIR average row."""
+    data = tmp_path / "data"
+    _toy_beir(data, "aa")
+    _toy_beir(data, "bb")
+    run_a = runs.write_trec_run(tmp_path / "a.trec", {"1": {"aa5": 2.0, "aa0": 1.0}, "2": {"aa2": 3.0, "aa1": 1.0}})
+    run_b = runs.write_trec_run(tmp_path / "b.trec", {"1": {"bb0": 2.0}, "2": {"bb1": 3.0, "bb2": 1.0}})
+    res = evaluate(output_dir=str(tmp_path / "out"), datasets=["beir/*"], data_dir=str(data), mode="bm25",
+                   first_stage_runs={"beir/aa": str(run_a), "beir/bb": str(run_b)}, measures=["RR@10"])
+    assert res == {"beir/aa": {"RR@10": 0.75}, "beir/bb": {"RR@10": 0.75}}
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert rows[-1] == {"dataset": "BEIR average (2)", "RR@10": 0.75}
+
+    class TitleMatch:  # reranks by word overlap, to check texts are title + text
+        def score_pairs(self, queries, docs):
+            return np.array([len(set(q.split()) & set(d.split())) for q, d in zip(queries, docs)], np.float32)
+
+    res = evaluate(output_dir=str(tmp_path / "out2"), datasets=["beir/aa"], data_dir=str(data), reranker=TitleMatch(),
+                   first_stage_runs={"beir/aa": str(run_a)}, measures=["RR@10"])
+    per_query = json.loads((tmp_path / "out2" / "beir_aa" / "metrics.json").read_text())["per_query"]
+    assert per_query["1"]["RR@10"] == 1.0  # aa0 ("alpha beta ...") now beats aa5 ("zeta alpha ...")
+    assert per_query["2"]["RR@10"] == 0.5  # aa1 and aa2 tie on "gamma": docid ascending puts aa1 first
+    bad = tmp_path / "bad.trec"
+    bad.write_text("1 Q0 nope 1 1.0 t\n")
+    with pytest.raises(ValueError, match="document 'nope' \\(query '1'\\) is not in the corpus"):
+        evaluate(output_dir=str(tmp_path / "out3"), datasets=["beir/aa"], data_dir=str(data),
+                 reranker=TitleMatch(), first_stage_runs={"beir/aa": str(bad)})
+    bad.write_text("1 Q0 aa1 1 1.0 t\n3 Q0 aa1 1 1.0 t\n")
+    with pytest.raises(readers.FormatError, match=f"{bad}:2: unknown query '3'"):
+        evaluate(output_dir=str(tmp_path / "out3"), datasets=["beir/aa"], data_dir=str(data), mode="bm25",
+                 first_stage_runs={"beir/aa": str(bad)})
+
+
+@pytest.mark.bm25
+def test_beir_bm25_first_stage_and_remove_query(tmp_path):
+    data = tmp_path / "data"
+    d = _toy_beir(data, "cc")
+    # A document whose id equals query "2" and matches it best: --remove-query must drop it.
+    with (d / "corpus.jsonl").open("a") as f:
+        f.write(json.dumps({"_id": "2", "title": "gamma gamma", "text": "gamma"}) + "\n")
+    kw = dict(datasets=["beir/cc"], data_dir=str(data), mode="bm25", cache_dir=str(tmp_path / "cache"), top_k=10)
+    evaluate(output_dir=str(tmp_path / "o1"), **kw)
+    run = readers.read_run(tmp_path / "o1" / "beir_cc" / "run.trec")
+    assert "2" not in run["2"] and len(run["2"]) == 9
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one cached index
+    evaluate(output_dir=str(tmp_path / "o2"), remove_query=False, **kw)
+    assert runs.ranked(readers.read_run(tmp_path / "o2" / "beir_cc" / "run.trec")["2"])[0][0] == "2"
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # reused
+
+
+def test_gin_entry_bm25_mode(tmp_path, repo_root):
+    out = tmp_path / "gin_out"
+    console_main(["--gin_file=eval/trec_dl20.gin", "--gin.evaluate.mode='bm25'", f"--gin.evaluate.output_dir='{out}'"])
+    assert (out / "results.md").read_text().splitlines()[2].startswith("| trec_dl/dl20 | 0.4796 |")
+    assert "evaluate.mode = 'bm25'" in (out / "config.gin").read_text()
+    import gin
+
+    gin.clear_config()
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'"])
+    gin.clear_config()
+    for gin_file in ("trec_dl19", "trec_dl20", "beir_scifact", "beir"):
+        gin.parse_config_files_and_bindings([str(repo_root / "gin" / "eval" / f"{gin_file}.gin")], [])
+        assert gin.query_parameter("evaluate.top_k") == 100
+        gin.clear_config()
+
+
+def test_unknown_mode_and_dataset(tmp_path):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        evaluate(output_dir=str(tmp_path), mode="dense")
+    with pytest.raises(ValueError, match="unknown dataset 'msmarco'"):
+        evaluate(output_dir=str(tmp_path), datasets=["msmarco"], mode="bm25")
+
+
+@pytest.mark.slow
+def test_real_tiny_reranker_from_hf_dir(tmp_path, data_dir):
+    """A random tiny T5 saved as an HF dir, loaded by path through Reranker, on a DL19 slice."""
+    from twolar_jax.hf_conversion import save_hf_checkpoint
+    from twolar_jax.model.config import preset
+    from twolar_jax.model.network import init_params
+    from twolar_jax.reranker import Reranker
+
+    config = preset("tiny")
+    params = init_params(config, 3)
+    ckpt = save_hf_checkpoint(tmp_path / "hf", config, params)
+    data = tmp_path / "data"
+    (data / "trec_dl").mkdir(parents=True)
+    cands = json.loads((data_dir / "trec_dl" / "dl19_bm25_top100.json").read_text())[:3]
+    for c in cands:
+        c["hits"] = c["hits"][:8]
+    (data / "trec_dl" / "dl19_bm25_top100.json").write_text(json.dumps(cands))
+    qrels_lines = (data_dir / "trec_dl" / "qrels.dl19-passage.txt").read_text().splitlines()
+    keep = {str(c["hits"][0]["qid"]) for c in cands}
+    (data / "trec_dl" / "qrels.dl19-passage.txt").write_text(
+        "".join(l + "\n" for l in qrels_lines if l.split()[0] in keep))
+    kw = dict(datasets=["trec_dl/dl19"], data_dir=str(data), checkpoint=str(ckpt), batch_size=8, max_length=256,
+              top_k=5)
+    res = evaluate(output_dir=str(tmp_path / "a"), **kw)
+    evaluate(output_dir=str(tmp_path / "b"), **kw)
+    run_a = (tmp_path / "a" / "trec_dl_dl19" / "run.trec").read_text()
+    assert run_a == (tmp_path / "b" / "trec_dl_dl19" / "run.trec").read_text()  # deterministic
+    assert 0.0 <= res["trec_dl/dl19"]["nDCG@10"] <= 1.0
+    # The written scores are exactly the Reranker's fp32 scores for the top-5 BM25 candidates.
+    reranker = Reranker.from_params(config, params, batch_size=8, max_length=256)
+    run = readers.read_run(tmp_path / "a" / "trec_dl_dl19" / "run.trec")
+    for c in cands:
+        qid, hits = c["hits"][0]["qid"], c["hits"][:5]
+        want = reranker.score_pairs([c["query"]] * 5, [h["content"] for h in hits])
+        got = np.array([run[str(qid)][h["docid"]] for h in hits], np.float32)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_resume_only_for_same_checkpoint_and_settings(dl19, data_dir, tmp_path, monkeypatch):
+    import eval.run
+
+    requests, qrels = dl19
+    made = []
+
+    def fake_loader(checkpoint, **kw):
+        made.append(OracleScorer(qrels, requests))
+        return made[-1]
+
+    monkeypatch.setattr(eval.run, "load_reranker", fake_loader)
+    kw = dict(output_dir=str(tmp_path), datasets=["trec_dl/dl19"], data_dir=str(data_dir), checkpoint=str(tmp_path),
+              max_queries=3)
+    first = evaluate(**kw)
+    assert made[-1].pairs == 300
+    assert evaluate(**kw) == first and made[-1].pairs == 0  # everything came from scores.jsonl
+    evaluate(**kw, score="softmax")
+    assert made[-1].pairs == 300  # another score head: the old log is not reused
+    assert len(json.loads((tmp_path / "trec_dl_dl19" / "metrics.json").read_text())["per_query"]) == 3
