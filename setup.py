@@ -25,6 +25,7 @@ DATA = [
     "tensorflow-datasets>=4.9",
     "openai>=1.40,<2.34",  # openai >= 2.34 breaks pyserini 1.6's import without a key
     "faiss-cpu>=1.8",
+    "importlib_resources>=6",  # tensorflow-datasets 4.9 imports the backport
 ]
 BM25 = [
     "pyserini==1.6.0",

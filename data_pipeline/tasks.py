@@ -1,0 +1,249 @@
+"""The seqio Tasks and Mixtures of the distillation set, registered in this one module.
+
+Data paths are not known at import time, so nothing is registered on import: the trainer (or a gin
+file) calls the keyword-only `register_distill_tasks(train_path=..., ...)`, which validates the files
+and (re)registers:
+    twolar_distill                  every record of the file
+    twolar_distill_<type>           one query type each: crop, doct5query, msmarco (names are stable
+                                    even when a type is absent; reading an empty one raises)
+    twolar_distill_mix              a seqio Mixture of the per-type tasks by `mixture_rates`
+                                    (default crop:doct5query = 1:1, the paper's 10K + 10K, over the
+                                    types the file has; not registered if it has neither)
+`register_distill_tfds_tasks(data_dir=...)` registers the same family over the prepared TFDS form
+(data_pipeline/tfds_builder.py) as twolar_distill_tfds[_<type>].
+
+Source: a FunctionDataSource over the JSONL. The whole file is validated once (formats.DistillIndex);
+each epoch draws a seeded permutation of all the file's queries, and records are read by byte offset,
+so shuffling is global and deterministic given the seed (exact resume by skipping batches).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import seqio
+
+from data_pipeline import preprocessors as prep
+from data_pipeline.formats import DistillIndex
+from data_pipeline.tf_env import tf
+from data_pipeline.vocab import get_vocabulary
+
+TASK_PREFIX = "twolar_distill"
+QUERY_TYPES = ("crop", "doct5query", "msmarco")
+DEFAULT_MIXTURE_RATES = {"crop": 1.0, "doct5query": 1.0}
+
+PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
+
+
+def output_features(vocabulary_path: Optional[PathLike] = None) -> dict[str, seqio.Feature]:
+    """inputs: rank-2 token ids [n, L]; teacher_ranks / teacher_scores: per-passage [n]."""
+    vocab = get_vocabulary(vocabulary_path)
+    passthrough = seqio.PassThroughVocabulary(size=0)
+    return {
+        "inputs": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32, rank=2),
+        "teacher_ranks": seqio.Feature(vocabulary=passthrough, add_eos=False, dtype=tf.int32, rank=1),
+        "teacher_scores": seqio.Feature(vocabulary=passthrough, add_eos=False, dtype=tf.float32, rank=1),
+    }
+
+
+def _read_raw(index: DistillIndex, offset: np.ndarray, lineno: np.ndarray):
+    """numpy_function body: one record as flat arrays in RAW_SIGNATURE order."""
+    record = index.read(int(offset), int(lineno))
+    texts = np.array([c.text.encode("utf-8") for c in record.candidates], dtype=object)
+    docids = np.array([c.docid.encode("utf-8") for c in record.candidates], dtype=object)
+    has_scores = record.teacher_scores is not None
+    scores = np.asarray(record.teacher_scores if has_scores else [0.0] * len(texts), dtype=np.float32)
+    return (np.array(record.qid.encode("utf-8"), dtype=object), np.array(record.query.encode("utf-8"), dtype=object),
+            np.array(record.query_type.encode("utf-8"), dtype=object), docids, texts, scores, np.bool_(has_scores))
+
+
+def jsonl_dataset(index: DistillIndex, *, query_type: Optional[str] = None, shuffle: bool = False,
+                  seed: Optional[int] = None, name: str = "") -> tf.data.Dataset:
+    """Raw examples (prep.RAW_SIGNATURE) of the index's records, optionally one query type, optionally
+    in a seeded per-epoch permutation (reshuffled on every repeat, identically on every host)."""
+    entries = index.select(query_type)
+    if not entries:
+        found = ", ".join(f"{k}={v}" for k, v in sorted(index.query_types().items())) or "none"
+        raise ValueError(f"{name or 'distillation source'}: no records"
+                         f"{f' with query_type {query_type!r}' if query_type else ''} in {index.path} "
+                         f"(query types found: {found})")
+    offsets = np.array([e.offset for e in entries], dtype=np.int64)
+    linenos = np.array([e.lineno for e in entries], dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((offsets, linenos))
+    if shuffle:
+        ds = ds.shuffle(len(entries), seed=seed, reshuffle_each_iteration=True)
+    keys = list(prep.RAW_SIGNATURE)
+    tout = [prep.RAW_SIGNATURE[k].dtype for k in keys]
+    read = functools.partial(_read_raw, index)
+
+    def to_example(offset, lineno):
+        values = tf.numpy_function(read, [offset, lineno], Tout=tout, stateful=False)
+        return {k: tf.ensure_shape(v, prep.RAW_SIGNATURE[k].shape) for k, v in zip(keys, values)}
+
+    return ds.map(to_example, num_parallel_calls=prep.AUTOTUNE, deterministic=True)
+
+
+class JsonlDataSource(seqio.FunctionDataSource):
+    """A FunctionDataSource that shuffles internally: `jsonl_dataset` permutes all queries of the file,
+    per epoch, from the seed. So the Task needs no shuffle buffer (each epoch is exactly a permutation),
+    and seqio's "uncached source shuffles poorly" warning does not apply."""
+
+    def __init__(self, dataset_fn, splits: Sequence[str]):
+        super().__init__(dataset_fn, splits=splits, caching_permitted=False)
+        self._performs_internal_shuffling = True
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                    shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None, use_cached: bool = False,
+                    num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+        del sequence_length, use_cached, num_epochs  # unused, as in the parent
+        if shard_info and shard_info.num_shards > 1:
+            raise ValueError("JsonlDataSource shards at the example level (the Task does it)")
+        return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _index(path: str, mtime_ns: int, size: int, skip_invalid: bool) -> DistillIndex:
+    del mtime_ns, size  # cache key only: a rewritten file is validated again
+    return DistillIndex(path, skip_invalid=skip_invalid)
+
+
+def load_index(path: PathLike, *, skip_invalid: bool = False) -> DistillIndex:
+    """Validated index of a distillation file (cached per path, mtime and size)."""
+    st = os.stat(path)
+    return _index(os.path.abspath(path), st.st_mtime_ns, st.st_size, skip_invalid)
+
+
+def _remove(name: str) -> None:
+    seqio.TaskRegistry.remove(name)
+    seqio.MixtureRegistry.remove(name)
+
+
+def _task_preprocessors(*, group_size: int, max_length: int, truncation: str, padding: str,
+                        query_type: Optional[str] = None) -> list:
+    steps = []
+    if query_type is not None:
+        steps.append(functools.partial(prep.filter_query_type, query_type=query_type))
+    steps += [
+        functools.partial(prep.select_group, group_size=group_size, padding=padding),
+        functools.partial(prep.tokenize_groups, max_length=max_length, truncation=truncation),
+    ]
+    return steps
+
+
+def _check_options(group_size: int, max_length: int, truncation: str, padding: str) -> None:
+    prep.feature_lengths(group_size, max_length)
+    if truncation not in prep.TRUNCATION_MODES:
+        raise ValueError(f"truncation={truncation!r}: expected one of {prep.TRUNCATION_MODES}")
+    if padding not in prep.PADDING_MODES:
+        raise ValueError(f"padding={padding!r}: expected one of {prep.PADDING_MODES}")
+
+
+def _add_mixture(prefix: str, rates: Mapping[str, float], available: Mapping[str, int],
+                 suffix: str = "_mix") -> str:
+    name = f"{prefix}{suffix}"
+    _remove(name)
+    members = []
+    for query_type, rate in rates.items():
+        if rate < 0:
+            raise ValueError(f"mixture_rates[{query_type!r}]={rate}: rates must be >= 0")
+        if rate == 0:
+            continue
+        if available.get(query_type, 0) == 0:
+            raise ValueError(f"mixture_rates names query_type {query_type!r}, but the training file has no such "
+                             f"records (found: {dict(available)})")
+        members.append((f"{prefix}_{query_type}", float(rate)))
+    if not members:
+        raise ValueError(f"mixture_rates {dict(rates)} select no task")
+    seqio.MixtureRegistry.add(name, members)
+    return name
+
+
+def register_distill_tasks(*, train_path: PathLike, validation_path: Optional[PathLike] = None,
+                           group_size: int = prep.DEFAULT_GROUP_SIZE, max_length: int = prep.DEFAULT_MAX_LENGTH,
+                           truncation: str = "document", padding: str = "mask",
+                           query_types: Sequence[str] = QUERY_TYPES,
+                           mixture_rates: Optional[Mapping[str, float]] = None,
+                           skip_invalid: bool = False, vocabulary_path: Optional[PathLike] = None,
+                           shuffle_buffer_size: Optional[int] = None,
+                           prefix: str = TASK_PREFIX) -> list[str]:
+    """(Re)register the JSONL-backed tasks and the mixture; returns the registered names.
+
+    Validates the files now (FormatError names file, line and field; skip_invalid counts and logs
+    instead). group_size / max_length are the defaults when a caller gives no task_feature_lengths;
+    get_distill_batches always passes its own. Query types outside `query_types` are still in
+    `twolar_distill`. shuffle_buffer_size=None: no buffer after preprocessing (the source already
+    permutes all queries each epoch); an int adds seqio's usual buffer on top.
+    """
+    _check_options(group_size, max_length, truncation, padding)
+    splits = {"train": load_index(train_path, skip_invalid=skip_invalid)}
+    if validation_path is not None:
+        splits["validation"] = load_index(validation_path, skip_invalid=skip_invalid)
+    features = output_features(vocabulary_path)
+    names = []
+    variants = [(prefix, None)] + [(f"{prefix}_{qt}", qt) for qt in query_types]
+    for name, query_type in variants:
+        def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None, *, _qt=query_type, _name=name):
+            if split not in splits:
+                raise ValueError(f"{_name}: no {split!r} split (registered: {sorted(splits)}); "
+                                 f"pass validation_path= to register_distill_tasks for 'validation'")
+            return jsonl_dataset(splits[split], query_type=_qt, shuffle=shuffle_files, seed=seed, name=_name)
+
+        _remove(name)
+        seqio.TaskRegistry.add(
+            name,
+            source=JsonlDataSource(dataset_fn, splits=list(splits)),
+            preprocessors=_task_preprocessors(group_size=group_size, max_length=max_length,
+                                              truncation=truncation, padding=padding),
+            output_features=features,
+            shuffle_buffer_size=shuffle_buffer_size,
+        )
+        names.append(name)
+    available = splits["train"].query_types()
+    _remove(f"{prefix}_mix")  # never leave a previous registration's mixture behind
+    if mixture_rates is None:
+        # The paper's 1:1 crop/doct5query, over the types this file has (a set of one type still trains).
+        rates = {qt: r for qt, r in DEFAULT_MIXTURE_RATES.items() if available.get(qt) and qt in query_types}
+        if not rates:
+            logger.info("%s_mix not registered: %s has none of the default mixture's query types %s (found %s)",
+                        prefix, train_path, sorted(DEFAULT_MIXTURE_RATES), available)
+            return names
+    else:
+        rates = dict(mixture_rates)
+        unknown = set(rates) - set(query_types)
+        if unknown:
+            raise ValueError(f"mixture_rates names {sorted(unknown)}, not among query_types {list(query_types)}")
+    names.append(_add_mixture(prefix, rates, available))
+    return names
+
+
+def register_distill_tfds_tasks(*, data_dir: PathLike, tfds_name: str = "twolar_distill:1.0.0",
+                                group_size: int = prep.DEFAULT_GROUP_SIZE, max_length: int = prep.DEFAULT_MAX_LENGTH,
+                                truncation: str = "document", padding: str = "mask",
+                                query_types: Sequence[str] = QUERY_TYPES,
+                                vocabulary_path: Optional[PathLike] = None,
+                                shuffle_buffer_size: int = 1024,
+                                prefix: str = f"{TASK_PREFIX}_tfds") -> list[str]:
+    """(Re)register tasks over the prepared TFDS dataset (built by data_pipeline.tfds_builder).
+
+    The TFDS source shards by file and shuffles files and a buffer of examples, as any seqio TFDS task.
+    """
+    from data_pipeline import tfds_builder  # noqa: F401  (registers the builder class with TFDS)
+
+    _check_options(group_size, max_length, truncation, padding)
+    features = output_features(vocabulary_path)
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=str(data_dir))
+    names = []
+    for name, query_type in [(prefix, None)] + [(f"{prefix}_{qt}", qt) for qt in query_types]:
+        _remove(name)
+        seqio.TaskRegistry.add(
+            name, source=source,
+            preprocessors=[tfds_builder.to_raw_example] + _task_preprocessors(
+                group_size=group_size, max_length=max_length, truncation=truncation, padding=padding,
+                query_type=query_type),
+            output_features=features, shuffle_buffer_size=shuffle_buffer_size)
+        names.append(name)
+    return names
