@@ -47,3 +47,18 @@ def test_gin_flag_rewriting():
     gin.clear_config()
     with pytest.raises(SystemExit, match="no --gin_file"):
         parse_gin_flags([], [])
+
+
+def test_gin_files_resolve_despite_namespace_folders(tmp_path, monkeypatch):
+    """A data/ or runs/ folder in the cwd must not break `--gin_file=data/x.gin` or `include 'runs/...'`."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gin.clear_config()
+    parse_gin_flags(["models/tiny.gin"])
+    assert gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn() == preset("tiny")
+    gin.clear_config()
+    with pytest.raises(SystemExit, match="gin file 'models/nope.gin' not found"):
+        parse_gin_flags(["models/nope.gin"])

@@ -63,6 +63,33 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
     return files, bindings, paths, rest
 
 
+def _guard_package_resource_reader() -> None:
+    """gin's package-resource reader crashes (TypeError) on namespace packages such as a `data/` or `runs/`
+    folder in the working directory; treat those as "not found" so the search goes on to gin/."""
+    from gin import config as gin_config
+
+    for i, (reader, exists) in enumerate(gin_config._FILE_READERS):
+        if getattr(exists, "__name__", "") == "system_path_file_exists":
+            def safe_exists(path: str, _exists=exists) -> bool:
+                try:
+                    return _exists(path)
+                except TypeError:
+                    return False
+            safe_exists.__name__ = "safe_system_path_file_exists"
+            gin_config._FILE_READERS[i] = (reader, safe_exists)
+
+
+def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
+    """An absolute path for a gin file named relative to the repo's gin/, the cwd or a search path."""
+    if os.path.isabs(name):
+        return name
+    for prefix in [*search_paths, *default_search_paths()]:
+        candidate = os.path.join(prefix, name)
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise SystemExit(f"gin file {name!r} not found in {[*search_paths, *default_search_paths()]}")
+
+
 def parse_gin_flags(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str] = (),
@@ -71,11 +98,16 @@ def parse_gin_flags(
     skip_unknown: bool = False,
 ) -> None:
     """Parse gin files and bindings with the repo's gin/ folder on the search path."""
+    _guard_package_resource_reader()
+    from gin import config as gin_config
+
     for path in [*search_paths, *default_search_paths()]:
-        gin.add_config_file_search_path(path)
+        if path not in gin_config._LOCATION_PREFIXES:
+            gin.add_config_file_search_path(path)
     if not gin_files and not gin_bindings:
         raise SystemExit("no --gin_file given: every run is a gin file (see gin/)")
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), skip_unknown=skip_unknown)
+    files = [resolve_gin_file(f, search_paths) for f in gin_files]
+    gin.parse_config_files_and_bindings(files, list(gin_bindings), skip_unknown=skip_unknown)
 
 
 def write_operative_config(directory: str | os.PathLike, name: str = "config.gin") -> Path:
