@@ -182,11 +182,18 @@ class SpladeRetriever:
 
 class DragonRetriever:
     """Dense bi-encoder (DRAGON+ style): separate query and context BERT encoders, [CLS] vectors,
-    inner product in an exact faiss index. Corpus embeddings are cached as .npy under work_dir."""
+    inner product in an exact faiss index. Corpus embeddings are cached as .npy under work_dir.
+
+    `pooling="mean"` with `normalize=True` and one path for both encoders turns it into a
+    sentence-transformers style retriever (e.g. all-MiniLM-L6-v2, which the demo uses offline)."""
 
     def __init__(self, *, query_encoder_path: str, context_encoder_path: str, name: str = "dragon",
                  max_length: int = 256, query_max_length: int = 64, batch_size: int = 32,
-                 index_dir: str | None = None, device: str = "cpu"):
+                 index_dir: str | None = None, device: str = "cpu", pooling: str = "cls",
+                 normalize: bool = False):
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"DragonRetriever.pooling={pooling!r}: expected 'cls' or 'mean'")
+        self.pooling, self.normalize = pooling, normalize
         self.name = name
         self.query_encoder_path, self.context_encoder_path = query_encoder_path, context_encoder_path
         self.max_length, self.query_max_length = max_length, query_max_length
@@ -210,7 +217,15 @@ class DragonRetriever:
             enc = tok(list(texts[lo:lo + self.batch_size]), padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt").to(self.device)
             with torch.no_grad():
-                out.append(model(**enc).last_hidden_state[:, 0, :].float().cpu().numpy())
+                hidden_states = model(**enc).last_hidden_state.float()
+            if self.pooling == "mean":
+                weights = enc["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            else:
+                pooled = hidden_states[:, 0, :]
+            if self.normalize:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            out.append(pooled.cpu().numpy())
         hidden = model.config.hidden_size
         return np.ascontiguousarray(np.concatenate(out) if out else np.zeros((0, hidden), np.float32), np.float32)
 
@@ -218,7 +233,8 @@ class DragonRetriever:
         import faiss
 
         cache = (Path(self.index_dir) if self.index_dir else
-                 Path(work_dir) / f"dragon-{corpus_fingerprint(corpus)}-{_path_tag(self.context_encoder_path)}")
+                 Path(work_dir) / f"dragon-{corpus_fingerprint(corpus)}-{_path_tag(self.context_encoder_path)}"
+                 f"-{self.pooling}{'-norm' if self.normalize else ''}")
         emb_path, ids_path = cache / "embeddings.npy", cache / "ids.json"
         if emb_path.is_file() and ids_path.is_file():
             emb = np.load(emb_path)

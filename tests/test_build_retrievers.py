@@ -152,6 +152,29 @@ def test_dragon_faiss_equals_bruteforce_cls_inner_products(tmp_path):
     assert r2.retrieve(queries, 4) == got
 
 
+def test_dense_mean_pooling_matches_sentence_transformers(tmp_path):
+    """pooling='mean' + normalize with the bundled all-MiniLM-L6-v2 equals sentence-transformers' cosine."""
+    from sentence_transformers import SentenceTransformer
+
+    from data_pipeline.offline_teacher import bundled_minilm_path
+
+    path = bundled_minilm_path()
+    corpus = _corpus()
+    r = DragonRetriever(query_encoder_path=path, context_encoder_path=path, pooling="mean", normalize=True,
+                        max_length=64, batch_size=4)
+    r.prepare(corpus, tmp_path / "work")
+    got = r.retrieve({"a": "cat fish"}, 3)["a"]
+    st = SentenceTransformer(path, device="cpu")
+    st.max_seq_length = 64
+    docs = st.encode([p.contents for p in corpus], normalize_embeddings=True)
+    scores = docs @ st.encode(["cat fish"], normalize_embeddings=True)[0]
+    top = np.argsort(-scores, kind="stable")[:3]
+    assert [d for d, _ in got] == [corpus.ids()[i] for i in top]
+    np.testing.assert_allclose([s for _, s in got], scores[top], atol=1e-4)
+    with pytest.raises(ValueError, match="pooling='max'"):
+        DragonRetriever(query_encoder_path=path, context_encoder_path=path, pooling="max")
+
+
 # ---------------------------------------------------------------------------------------------- monoT5
 
 
