@@ -149,21 +149,29 @@ def _resume_log(ds_dir: Path, key: dict | None) -> Path:
 _CONFIGURABLE: Any = None
 
 
+def register_configurables() -> Any:
+    """Register `evaluate` with gin once per process (only program entries call this, t5x style)."""
+    global _CONFIGURABLE
+    import gin
+
+    if _CONFIGURABLE is None:
+        _CONFIGURABLE = gin.external_configurable(evaluate, name="evaluate")
+    return _CONFIGURABLE
+
+
 def console_main(argv: Sequence[str] | None = None) -> None:
     """`twolar-eval` / `python -m eval.run`: gin flags in, `evaluate(...)` out."""
-    global _CONFIGURABLE
     import gin
 
     from twolar_jax import gin_utils
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if _CONFIGURABLE is None:
-        _CONFIGURABLE = gin.external_configurable(evaluate, name="evaluate")
+    configured = register_configurables()
 
     def main(rest: list[str]) -> None:
         if rest:
             raise SystemExit(f"unknown arguments {rest}: configure the job with --gin_file / --gin.evaluate.X=V")
-        _CONFIGURABLE()
+        configured()
         output_dir = gin.query_parameter("evaluate.output_dir")
         gin_utils.write_operative_config(output_dir)
 

@@ -65,18 +65,25 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
 
 def _guard_package_resource_reader() -> None:
     """gin's package-resource reader crashes (TypeError) on namespace packages such as a `data/` or `runs/`
-    folder in the working directory; treat those as "not found" so the search goes on to gin/."""
+    folder in the working directory, and logs an ERROR for every include it does not find; replace its
+    existence check with a quiet one that treats both as "not found", so the search goes on to gin/."""
+    import importlib.util
+
     from gin import config as gin_config
+
+    def quiet_exists(path: str) -> bool:
+        head, filename = os.path.split(path)
+        try:
+            spec = importlib.util.find_spec(head.replace("/", "."))
+        except (ImportError, ValueError):
+            return False
+        if spec is None or not spec.origin:
+            return False
+        return os.path.isfile(os.path.join(os.path.dirname(spec.origin), filename))
 
     for i, (reader, exists) in enumerate(gin_config._FILE_READERS):
         if getattr(exists, "__name__", "") == "system_path_file_exists":
-            def safe_exists(path: str, _exists=exists) -> bool:
-                try:
-                    return _exists(path)
-                except TypeError:
-                    return False
-            safe_exists.__name__ = "safe_system_path_file_exists"
-            gin_config._FILE_READERS[i] = (reader, safe_exists)
+            gin_config._FILE_READERS[i] = (reader, quiet_exists)
 
 
 def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:

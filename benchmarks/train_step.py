@@ -1,0 +1,189 @@
+r"""One TWOLAR training step, ours (JAX) against a PyTorch reference, same weights and batch, one process.
+
+The step: 1 query x 30 passages x 512 tokens, encoder pass + one decoder step from the start token,
+score = z_true - z_false, RankNet over the teacher-ordered pairs, clip 1.0, AdamW (lr 5e-5, wd 0.01).
+The reference is transformers' T5ForConditionalGeneration (first-step logits), the same RankNet and
+torch.optim.AdamW, loaded from our random weights written with twolar_jax.hf_conversion.
+
+    .venv/bin/python benchmarks/train_step.py --quick
+    .venv/bin/python benchmarks/train_step.py --preset flan-t5-base --dtype bfloat16   # on a GPU
+
+Prints steps/s and tokens/s for both, the first step's loss from both (they must agree), MFU on a GPU,
+and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Peak dense matmul throughput (FLOP/s) by device kind and dtype, for MFU.
+PEAK_FLOPS = {
+    ("h100", "bfloat16"): 989e12, ("h100", "float32"): 494e12,  # float32 runs as TF32 on tensor cores
+    ("h200", "bfloat16"): 989e12, ("h200", "float32"): 494e12,
+    ("a100", "bfloat16"): 312e12, ("a100", "float32"): 156e12,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="model preset (default: flan-t5-small; tiny with --quick)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--group_size", type=int, default=None, help="passages per query (default 30)")
+    p.add_argument("--max_length", type=int, default=None, help="tokens per passage (default 512)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 5 with --quick)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="the tiny preset (same 30x512 batch): about 20 s on CPU")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset = args.preset or "tiny"
+        args.group_size = args.group_size or 30
+        args.max_length = args.max_length or 512
+        args.steps = args.steps or 4
+        args.warmup = min(args.warmup, 1)
+    args.preset = args.preset or "flan-t5-small"
+    args.group_size = args.group_size or 30
+    args.max_length = args.max_length or 512
+    args.steps = args.steps or 5
+    return args
+
+
+def make_batch(n: int, length: int, seed: int = 0):
+    """One query's group: n full-length passages (no padding, so both sides do the same work)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 32000, (1, n, length)).astype(np.int32)
+    tokens[..., -1] = 1  # EOS
+    return {
+        "encoder_input_tokens": tokens,
+        "decoder_input_tokens": np.zeros((1, n, 1), np.int32),
+        "teacher_ranks": np.arange(n, dtype=np.int32)[None],
+        "passage_mask": np.ones((1, n), np.int32),
+    }
+
+
+def train_flops(config, n: int, length: int) -> float:
+    """Model FLOPs of one step (forward x 3): encoder matmuls + attention; the one decoder step is small."""
+    d, dff, h, dkv, layers = config.d_model, config.d_ff, config.num_heads, config.d_kv, config.num_encoder_layers
+    mlp = (3 if config.is_gated else 2) * d * dff
+    per_token = 2 * layers * (4 * d * h * dkv + mlp) + 2 * layers * 2 * length * h * dkv
+    return 3.0 * per_token * n * length
+
+
+def bench_jax(config, params, batch, args, tokens):
+    import jax
+
+    from twolar_jax import optimizers, trainer
+    from twolar_jax.train_state import TrainState
+
+    opt, schedule = optimizers.make_optimizer(learning_rate=5e-5, weight_decay=0.01, clip_norm=1.0)
+    spec = trainer.make_step_spec(loss="rank_net", score_tokens=tokens, enable_dropout=False)
+    step = jax.jit(trainer.make_train_step(config, opt, schedule, spec), donate_argnums=(0,))
+    state = TrainState.create(jax.device_put(params), opt)
+    batch = jax.device_put(batch)
+    rng = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, rng)
+    first_loss = float(metrics["loss"])
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, metrics = step(state, batch, rng)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = step(state, batch, rng)
+    jax.block_until_ready(state)
+    return first_loss, (time.perf_counter() - t0) / args.steps, compile_s
+
+
+def bench_torch(hf_dir, batch, args, tokens, device):
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = T5ForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    ids = torch.as_tensor(batch["encoder_input_tokens"][0], dtype=torch.long, device=device)
+    attn = (ids != 0).long()
+    dec = torch.zeros((ids.shape[0], 1), dtype=torch.long, device=device)
+    n = ids.shape[0]
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)  # teacher order = index
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(input_ids=ids, attention_mask=attn, decoder_input_ids=dec).logits[:, 0, :]
+        logits = logits.float()
+        s = logits[:, tokens.true_id] - logits[:, tokens.false_id]
+        # RankNet: every pair (i better than j): log(1 + exp(s_j - s_i)), mean over pairs.
+        loss = torch.nn.functional.softplus(s[None, :] - s[:, None])[upper].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    first_loss = float(step().detach())
+    for _ in range(args.warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    return first_loss, (time.perf_counter() - t0) / args.steps
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import jax
+    import torch
+
+    from twolar_jax.hf_conversion import save_hf_checkpoint
+    from twolar_jax.model import network
+    from twolar_jax.model.config import preset
+    from twolar_jax.scoring import resolve_score_tokens
+    from twolar_jax.tokenizer import T5Tokenizer
+
+    config = preset(args.preset, dropout_rate=0.0, dtype=args.dtype)
+    tokens = resolve_score_tokens(T5Tokenizer())
+    params = jax.device_get(network.init_params(config, 0))
+    batch = make_batch(args.group_size, args.max_length)
+    n_tok = args.group_size * args.max_length
+    backend = jax.default_backend()
+    device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    print(f"preset={args.preset} dtype={args.dtype} batch=1x{args.group_size}x{args.max_length} "
+          f"jax={jax.__version__} backend={backend} ({jax.devices()[0].device_kind}) torch={torch.__version__} "
+          f"device={device} threads={torch.get_num_threads() if device.type == 'cpu' else '-'}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_checkpoint(Path(tmp) / "hf", config.replace(dtype="float32"), params)
+        t_loss, t_step = bench_torch(str(Path(tmp) / "hf"), batch, args, tokens, device)
+    j_loss, j_step, compile_s = bench_jax(config, params, batch, args, tokens)
+
+    print(f"first-step loss: jax={j_loss:.6f} torch={t_loss:.6f} (same weights, same batch)")
+    print(f"jax:   {1 / j_step:.3f} steps/s  {n_tok / j_step:,.0f} tokens/s  (compile {compile_s:.1f}s)")
+    print(f"torch: {1 / t_step:.3f} steps/s  {n_tok / t_step:,.0f} tokens/s")
+    kind = jax.devices()[0].device_kind.lower()
+    peak = next((v for (k, dt), v in PEAK_FLOPS.items() if k in kind and dt == args.dtype), None)
+    if backend == "gpu" and peak:
+        flops = train_flops(config, args.group_size, args.max_length)
+        print(f"MFU: jax={flops / j_step / peak:.1%} torch={flops / t_step / peak:.1%} "
+              f"({flops / 1e12:.2f} TFLOP/step, peak {peak / 1e12:.0f} TFLOP/s {args.dtype})")
+    print(f"ratio_vs_torch={t_step / j_step:.3f}")
+
+
+if __name__ == "__main__":
+    main()

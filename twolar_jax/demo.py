@@ -1,0 +1,282 @@
+"""The embedded default: TWOLAR end to end, offline, on the shipped SciFact data.
+
+    python -m twolar_jax.demo [--quick] [--output_dir runs/demo] [--stages build,train,eval,report]
+                              [--force] [--gin_file=...] [--gin.NAME=VALUE ...]
+
+Stages (gin/experiments/demo.gin; --quick adds demo_quick.gin): build a small distillation set (cropped
+sentences + SciFact train claims, BM25 + a dense MiniLM retriever, the offline MiniLM teacher), train the
+tiny student with the sharded trainer, evaluate BM25 / teacher / student before / student after on
+held-out SciFact test queries, and report a table, metrics JSON and a loss-curve PNG. Each finished stage
+leaves `stages/<name>.json`; a re-run skips finished stages (`--force` re-runs the ones asked for).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+STAGES = ("build", "train", "eval", "report")
+SYSTEMS = ("bm25", "teacher", "student_before", "student_after")
+SYSTEM_LABELS = {"bm25": "BM25 (pyserini, k1=0.9 b=0.4)", "teacher": "teacher: all-MiniLM-L6-v2 (offline)",
+                 "student_before": "student before training (tiny, random init)",
+                 "student_after": "student after distillation (tiny)"}
+TABLE_MEASURES = ("nDCG@10", "nDCG@1", "RR@10", "R@100")
+log = logging.getLogger("twolar.demo")
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+
+    @property
+    def build(self) -> Path:
+        return self.root / "build"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def stage_marker(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class ScorerAsPairScorer:
+    """Adapts a per-query scorer (`score(query, passages)`) to eval's `score_pairs(queries, docs)`."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+
+    def score_pairs(self, queries: Sequence[str], docs: Sequence[str]) -> np.ndarray:
+        out = np.zeros(len(docs), np.float32)
+        start = 0
+        while start < len(queries):
+            end = start
+            while end < len(queries) and queries[end] == queries[start]:
+                end += 1
+            out[start:end] = self.scorer.score(queries[start], list(docs[start:end]))
+            start = end
+        return out
+
+
+def gin_value(name: str) -> Any:
+    """The value of a gin parameter or %MACRO, following macro references."""
+    import gin
+
+    value = gin.query_parameter(name if "." in name else f"%{name}")
+    while hasattr(value, "scoped_configurable_fn") or type(value).__name__ == "ConfigurableReference":
+        value = value.scoped_configurable_fn()
+    return value
+
+
+def register_configurables() -> dict[str, Callable]:
+    """Everything the demo's gin file names: build, train, evaluate and their parts."""
+    import gin
+
+    from data_pipeline import build as build_module
+    from data_pipeline import offline_teacher
+    from eval import run as eval_run
+    from twolar_jax import train as train_module
+
+    configured = {"build": build_module._register_gin(), "evaluate": eval_run.register_configurables()}
+    configured.update(train_module.register_configurables())
+    try:
+        gin.external_configurable(offline_teacher.bundled_minilm_path, module="offline_teacher")
+    except ValueError:  # already registered in this process
+        pass
+    return configured
+
+
+# --- stages --------------------------------------------------------------------------------------------
+def stage_build(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
+    manifest = configured["build"](progress=True, write_gin_config=True)
+    runs = manifest.get("runs") or [{}]
+    status = runs[-1].get("status", "unknown")
+    if status != "complete":
+        raise RuntimeError(f"build stage ended with status {status!r}; see {paths.build / 'manifest.json'}")
+    lines = sum(1 for _ in open(paths.build / "train.jsonl", encoding="utf-8"))
+    return {"status": status, "train_queries": lines}
+
+
+def stage_train(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
+    result = configured["train"]()
+    return {"step": result.step, "train_metrics": result.train_metrics}
+
+
+def student_initial_params(config: Any, seed: int) -> Any:
+    """The student exactly as the trainer initialises it (same rng path as twolar_jax.train.train)."""
+    from twolar_jax.train import initial_params
+
+    return initial_params(config, seed)
+
+
+def stage_eval(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
+    import gin
+
+    from data_pipeline.offline_teacher import SentenceTransformerScorer
+    from twolar_jax import checkpointing
+    from twolar_jax.reranker import Reranker
+
+    evaluate = configured["evaluate"]
+    results = {}
+    results["bm25"] = evaluate(output_dir=str(paths.eval / "bm25"), mode="bm25")
+    results["teacher"] = evaluate(output_dir=str(paths.eval / "teacher"),
+                                  reranker=ScorerAsPairScorer(gin.get_configurable(SentenceTransformerScorer)()))
+    config = checkpointing.read_model_config(paths.student)
+    before = Reranker.from_params(config, student_initial_params(config, int(gin_value("SEED"))),
+                                  score=gin_value("evaluate.score"), max_length=int(gin_value("evaluate.max_length")),
+                                  batch_size=int(gin_value("evaluate.batch_size")))
+    results["student_before"] = evaluate(output_dir=str(paths.eval / "student_before"), reranker=before)
+    results["student_after"] = evaluate(output_dir=str(paths.eval / "student_after"), checkpoint=str(paths.student))
+    return {name: next(iter(r.values())) for name, r in results.items()}
+
+
+def plot_loss_curve(records: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(steps, [r["loss"] for r in records if "loss" in r], color="tab:blue", label="RankNet loss (train)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    agree_key = next((k for k in ("kendall_tau", "pairwise_agreement") if any(k in r for r in records)), None)
+    if agree_key:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in records if agree_key in r], [r[agree_key] for r in records if agree_key in r],
+                 color="tab:orange", label=f"{agree_key} with the teacher (train batch)")
+        ax2.set_ylabel(agree_key)
+        lines = ax.get_lines() + ax2.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    ax.set_title("TWOLAR demo: tiny student distilled from the offline teacher")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def results_markdown(metrics: dict[str, dict[str, float]], num_queries: int, top_k: int) -> str:
+    header = "| system | " + " | ".join(TABLE_MEASURES) + " |"
+    rule = "|---|" + "---|" * len(TABLE_MEASURES)
+    rows = [f"| {SYSTEM_LABELS[s]} | " + " | ".join(f"{metrics[s].get(m, float('nan')):.4f}" for m in TABLE_MEASURES)
+            + " |" for s in SYSTEMS if s in metrics]
+    note = (f"\nSciFact test, {num_queries} held-out queries; rerankers reorder BM25's top {top_k}. "
+            "The teacher is a small bi-encoder standing in for an LLM.\n")
+    return "\n".join([header, rule, *rows]) + "\n" + note
+
+
+def stage_report(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
+    from twolar_jax.summaries import read_metrics
+
+    marker = paths.stage_marker("eval")
+    if not marker.exists():
+        raise RuntimeError(f"the report needs the eval stage: {marker} is missing")
+    metrics = json.loads(marker.read_text())["summary"]
+    first = json.loads((paths.eval / "bm25" / "beir_scifact" / "metrics.json").read_text())
+    table = results_markdown(metrics, int(first["num_queries"]), int(gin_value("EVAL_TOP_K")))
+    (paths.root / "results.md").write_text(table)
+    records = read_metrics(paths.student, "train")
+    curve = plot_loss_curve(records, paths.root / "loss_curve.png")
+    losses = [r["loss"] for r in records if "loss" in r]
+    summary = {"table": metrics, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               "loss_curve": str(curve), "run_files": {s: str(paths.eval / s / "beir_scifact" / "run.trec")
+                                                       for s in SYSTEMS}}
+    _write_json_atomic(paths.root / "results.json", summary)
+    print("\n" + table)
+    print(f"loss: {summary['loss_first']:.4f} (first logged step) -> {summary['loss_last']:.4f} (last); "
+          f"curve: {curve}")
+    print(f"run files: {paths.eval}/<system>/beir_scifact/run.trec; metrics: {paths.root / 'results.json'}")
+    return summary
+
+
+STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "eval": stage_eval, "report": stage_report}
+
+
+# --- program -------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="twolar demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU (CI runs this)")
+    parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    parser.add_argument("--force", action="store_true", help="re-run the named stages even if finished")
+    parser.add_argument("--log_level", default="WARNING")
+    return parser.parse_known_args(list(argv))
+
+
+def run_demo(argv: Sequence[str]) -> dict:
+    from twolar_jax import gin_utils
+
+    args, rest = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stages {unknown}; expected a subset of {STAGES}")
+    files, bindings, search_paths, leftover = gin_utils.split_gin_args(rest)
+    if leftover:
+        raise SystemExit(f"unknown arguments {leftover}")
+    paths = DemoPaths(Path(args.output_dir).resolve())
+    base = ["experiments/demo_quick.gin" if args.quick else "experiments/demo.gin"]
+    stage_bindings = [f"OUTPUT_DIR = '{paths.build}'", f"MODEL_DIR = '{paths.student}'",
+                      f"DISTILL_JSONL = '{paths.build / 'train.jsonl'}'"]
+    configured = register_configurables()
+    os.chdir(gin_utils.REPO_ROOT)  # the gin files name shipped data relative to the repository root
+    gin_utils.parse_gin_flags(base + files, stage_bindings + bindings, search_paths)
+    summaries = {}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        marker = paths.stage_marker(stage)
+        if marker.exists() and not args.force and stage != "report":
+            print(f"[demo] {stage}: already done ({marker}); skipping")
+            summaries[stage] = json.loads(marker.read_text())["summary"]
+            continue
+        print(f"[demo] {stage}: running")
+        start = time.time()
+        summary = STAGE_FUNCTIONS[stage](paths, configured)
+        seconds = time.time() - start
+        _write_json_atomic(marker, {"stage": stage, "seconds": round(seconds, 1), "quick": args.quick,
+                                    "summary": summary})
+        print(f"[demo] {stage}: done in {seconds:.0f}s")
+        summaries[stage] = summary
+    return summaries
+
+
+def console_main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from eval.lucene import ensure_java
+
+    ensure_java()  # before anything imports pyserini/jnius
+    run_demo(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())
