@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: twolar <command> [args]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.console_main(argv[1:]) or 0)
+    entry = getattr(module, "console_main", None) or module.main
+    return int(entry(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""The embedded default end to end (`python -m twolar_jax.demo --quick`), as a user runs it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from twolar_jax.demo import SYSTEMS, ScorerAsPairScorer
+
+
+class _CountingScorer:
+    def __init__(self):
+        self.calls = []
+
+    def score(self, query, passages):
+        self.calls.append((query, len(passages)))
+        return np.array([len(p) + len(query) for p in passages], np.float32)
+
+
+def test_scorer_adapter_groups_consecutive_queries():
+    scorer = _CountingScorer()
+    out = ScorerAsPairScorer(scorer).score_pairs(["a", "a", "bb", "a"], ["x", "yy", "z", ""])
+    np.testing.assert_array_equal(out, [2, 3, 3, 1])
+    assert scorer.calls == [("a", 2), ("bb", 1), ("a", 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.bm25
+def test_demo_quick_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "twolar_jax.demo", "--quick", "--output_dir", str(out)]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]) == set(SYSTEMS)
+    for system in SYSTEMS:
+        assert 0.0 <= results["table"][system]["nDCG@10"] <= 1.0
+        assert (out / "eval" / system / "beir_scifact" / "run.trec").stat().st_size > 0
+    # BM25 over the shipped SciFact, first 40 judged queries: the eval package's number, reproduced.
+    bm25 = json.loads((out / "eval" / "bm25" / "beir_scifact" / "metrics.json").read_text())
+    assert bm25["num_queries"] == 40
+    assert results["table"]["bm25"]["nDCG@10"] == pytest.approx(bm25["mean"]["nDCG@10"])
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["loss_last"] < results["loss_first"]
+    train_lines = (out / "build" / "train.jsonl").read_text().splitlines()
+    assert len(train_lines) == 60
+    assert "nDCG@10" in first.stdout and "student after distillation" in first.stdout
+    # A re-run skips every finished stage and prints the same table.
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in ("build", "train", "eval"):
+        assert f"[demo] {stage}: already done" in second.stdout
+    assert json.loads((out / "results.json").read_text())["table"] == results["table"]
