@@ -284,3 +284,18 @@ def test_tfds_prepared_form_matches_jsonl(registered, train_file, tmp_path):
             np.testing.assert_array_equal(v, by_id[_record_ids(b)[0]][k], err_msg=k)
     crop = _batches(10, task_or_mixture="twolar_distill_tfds_crop", shuffle=False, repeat=False, seed=None)
     assert sorted(sum((_record_ids(b) for b in crop), [])) == [0, 3, 6, 9]
+
+
+def test_jsonl_source_runs_no_python_inside_tf_data(train_file):
+    """A numpy_function/py_function in a parallel map deadlocks when the iterator is destroyed while its
+    workers wait for the GIL (a hang at the end of training): the source must be pure graph ops."""
+    index = tasks.load_index(train_file)
+    ds = tasks.jsonl_dataset(index, shuffle=True, seed=3)
+    graph = ds._as_serialized_graph().numpy().decode("latin-1")
+    assert "PyFunc" not in graph and "EagerPyFunc" not in graph
+    first = [ex["qid"].decode() for ex in ds.as_numpy_iterator()]
+    assert sorted(first) == sorted(r.qid for r in formats.read_distill_jsonl(train_file))
+    for _ in range(3):  # create and drop iterators mid-stream: must not hang
+        it = iter(ds)
+        next(it)
+        del it
