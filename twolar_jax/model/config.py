@@ -27,6 +27,9 @@ class T5Config:
     tie_word_embeddings: bool = False
     dtype: str = "float32"
     remat: bool = False
+    # The attention core's loop: "rows" (one sequence at a time, cache-friendly on CPU), "batched", or
+    # "auto" (rows on CPU, batched on accelerators). Same arithmetic either way.
+    attention_loop: str = "auto"
     decoder_start_token_id: int = 0
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -34,6 +37,8 @@ class T5Config:
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_KINDS:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected one of {FEED_FORWARD_KINDS}")
+        if self.attention_loop not in ("auto", "rows", "batched"):
+            raise ValueError(f"T5Config.attention_loop={self.attention_loop!r}: expected auto, rows or batched")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"T5Config.dtype={self.dtype!r}: expected one of {COMPUTE_DTYPES}")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",

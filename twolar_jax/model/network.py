@@ -104,14 +104,65 @@ class _Projection(nn.Module):
                           self.shape, jnp.float32)
 
 
+def _rowwise_attention(config: T5Config, batch: int) -> bool:
+    """Whether to loop over sequences in the attention core instead of one batched computation.
+
+    On CPU the per-sequence loop keeps the [heads, q, k] logits in cache: the tiny model's 30 x 512
+    encoder pass ran about 2x faster forward and 3x faster backward (tested with and without a batch
+    dimension of 1 inside the loop: XLA CPU lays those einsums out badly, so rows drop it).
+    Accelerators take the batched form, which also keeps the batch sharding."""
+    mode = config.attention_loop
+    if mode == "auto":
+        mode = "rows" if jax.default_backend() == "cpu" else "batched"
+    return mode == "rows" and batch > 1
+
+
+def _attend(q: Array, key: Array, value: Array, bias: Array | None, key_padding: Array | None,
+            dropout_rng: Array | None, rate: float) -> Array:
+    """One sequence ([len, heads, kv]) or a batch ([B, len, heads, kv]); bias/padding broadcast."""
+    spec = "qhk,thk->hqt" if q.ndim == 3 else "bqhk,bthk->bhqt"
+    logits = jnp.einsum(spec, q, key, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + (bias[0] if q.ndim == 3 else bias)
+    if key_padding is not None:
+        logits = logits + key_padding
+    weights = jax.nn.softmax(logits, axis=-1)
+    if dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
+    out_spec = "hqt,thk->qhk" if q.ndim == 3 else "bhqt,bthk->bqhk"
+    return jnp.einsum(out_spec, weights.astype(value.dtype), value)
+
+
+def attention_core(q: Array, key: Array, value: Array, bias: Array | None, key_padding: Array | None, *,
+                   dropout_rng: Array | None, rate: float, rowwise: bool = False) -> Array:
+    """softmax(q k^T + bias + padding) v over [B, len, heads, kv]; fp32 logits, no 1/sqrt(d) scaling.
+
+    rowwise=True computes the same arithmetic one sequence at a time (lax.map, rematerialised in the
+    backward pass), which is the cache-friendly order on CPU."""
+    if not rowwise:
+        return _attend(q, key, value, bias, key_padding, dropout_rng, rate)
+    keys = None if dropout_rng is None else jax.random.split(dropout_rng, q.shape[0])
+    padding = None if key_padding is None else key_padding[:, 0]  # [B, 1, k] -> per row [1, k]
+
+    def row(xs):
+        qi, ki, vi, pi, ri = xs
+        return _attend(qi, ki, vi, bias, pi, ri, rate)
+
+    return jax.lax.map(jax.checkpoint(row), (q, key, value, padding, keys))
+
+
 class Attention(nn.Module):
     """Multi-head attention without 1/sqrt(d) scaling; logits and softmax in fp32."""
 
     config: T5Config
 
     @nn.compact
-    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, *, enable_dropout: bool,
-                 decode_index: Array | None = None, cache_step: bool = False) -> Array:
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array | None, *, enable_dropout: bool,
+                 key_padding: Array | None = None, decode_index: Array | None = None,
+                 cache_step: bool = False) -> Array:
+        """bias: [1, heads, q, k] shared by the batch (relative positions, causal mask) or None;
+        key_padding: [B, 1, 1, k] additive mask of padded keys, or None."""
         c = self.config
         dtype = _dtype(c)
         d, h, k = c.d_model, c.num_heads, c.d_kv
@@ -135,10 +186,10 @@ class Attention(nn.Module):
                 cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, decode_index, 0, 0))
                 cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, decode_index, 0, 0))
                 key, value = cached_key.value, cached_value.value
-        logits = jnp.einsum("bqhk,bthk->bhqt", q, key, preferred_element_type=jnp.float32) + bias
-        weights = jax.nn.softmax(logits, axis=-1)
-        weights = nn.Dropout(c.dropout_rate)(weights, deterministic=not enable_dropout).astype(dtype)
-        out = jnp.einsum("bhqt,bthk->bqhk", weights, value)
+        rate = c.dropout_rate if enable_dropout else 0.0
+        dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
+        out = attention_core(q, key, value, bias, key_padding, dropout_rng=dropout_rng, rate=rate,
+                             rowwise=_rowwise_attention(c, q.shape[0]))
         out = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dtype))
         return _constrain(out, ("batch", "length", "embed"))
 
@@ -170,12 +221,12 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array:
+    def __call__(self, x: Array, bias: Array, key_padding: Array, enable_dropout: bool) -> Array:
         c = self.config
         dtype = _dtype(c)
         drop = nn.Dropout(c.dropout_rate)
         y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
-        y = Attention(c, name="attention")(y, y, bias, enable_dropout=enable_dropout)
+        y = Attention(c, name="attention")(y, y, bias, key_padding=key_padding, enable_dropout=enable_dropout)
         x = x + drop(y, deterministic=not enable_dropout)
         y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
         y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
@@ -186,7 +237,7 @@ class DecoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array, enable_dropout: bool,
+    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_padding: Array, enable_dropout: bool,
                  decode_index: Array | None = None, cache_step: bool = False) -> Array:
         c = self.config
         dtype = _dtype(c)
@@ -196,7 +247,8 @@ class DecoderLayer(nn.Module):
                                                 decode_index=decode_index, cache_step=cache_step)
         x = x + drop(y, deterministic=not enable_dropout)
         y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
-        y = Attention(c, name="encoder_decoder_attention")(y, encoded, cross_bias, enable_dropout=enable_dropout)
+        y = Attention(c, name="encoder_decoder_attention")(y, encoded, None, key_padding=cross_padding,
+                                                           enable_dropout=enable_dropout)
         x = x + drop(y, deterministic=not enable_dropout)
         y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
         y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
@@ -220,10 +272,10 @@ class Encoder(nn.Module):
         x = _constrain(x, ("batch", "length", "embed"))
         positions = jnp.arange(tokens.shape[1])
         bias = RelativePositionBias(c, bidirectional=True, name="relpos_bias")(positions, positions)
-        bias = bias + _padding_bias(tokens)
-        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if c.remat else EncoderLayer
+        padding = _padding_bias(tokens)
+        layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if c.remat else EncoderLayer
         for i in range(c.num_encoder_layers):
-            x = layer_cls(c, name=f"layers_{i}")(x, bias, enable_dropout)
+            x = layer_cls(c, name=f"layers_{i}")(x, bias, padding, enable_dropout)
         x = RMSNorm(c.layer_norm_epsilon, _dtype(c), name="encoder_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
 
@@ -256,10 +308,10 @@ class Decoder(nn.Module):
         causal = jnp.where(key_positions[None, :] <= query_positions[:, None], 0.0, MASK_VALUE)
         self_bias = RelativePositionBias(c, bidirectional=False, name="relpos_bias")(query_positions, key_positions)
         self_bias = self_bias + causal[None, None].astype(jnp.float32)
-        cross_bias = _padding_bias(encoder_tokens)
+        cross_padding = _padding_bias(encoder_tokens)
         layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 7)) if c.remat and not decode else DecoderLayer
         for i in range(c.num_decoder_layers):
-            x = layer_cls(c, name=f"layers_{i}")(x, encoded, self_bias, cross_bias, enable_dropout, decode_index,
+            x = layer_cls(c, name=f"layers_{i}")(x, encoded, self_bias, cross_padding, enable_dropout, decode_index,
                                                  cache_step)
         x = RMSNorm(c.layer_norm_epsilon, dtype, name="decoder_norm")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
