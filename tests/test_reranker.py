@@ -64,11 +64,18 @@ def test_bad_inputs(params):
 
 
 def test_fixed_shapes_compile_once_per_bucket(params):
-    rr = Reranker.from_params(CONFIG, params, batch_size=4, max_length=256, length_buckets=(64, 128, 256))
+    rr = Reranker.from_params(CONFIG, params, batch_size=8, max_length=256, length_buckets=(64, 128, 256),
+                              devices=jax.devices()[:1])
     _score_batch.clear_cache()
     docs = [" ".join(["word"] * n) for n in range(0, 240, 7)]
     rr.score_pairs(["q"] * len(docs), docs)
-    assert _score_batch._cache_size() == 3
+    first = _score_batch._cache_size()
+    assert first <= 3 * 4  # 3 buckets x row counts {1, 2, 4, 8}
+    rr.score_pairs(["other query"] * len(docs), docs[::-1])  # same lengths: nothing new to compile
+    more = [" ".join(["word"] * n) for n in range(0, 240, 3)]
+    rr.score_pairs(["q"] * len(more), more)
+    assert _score_batch._cache_size() <= 3 * 4
+    assert [rr._rows_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
 
 
 def test_devices_and_batch_sizes_agree(params):

@@ -1,7 +1,8 @@
 """The public reranking API: `Reranker.from_pretrained(path).rank(query, docs)`.
 
-Pairs are tokenized on the host, grouped into a few fixed length buckets and padded to a fixed batch, so
-jit compiles a handful of shapes however many documents come in; each batch is split over all local
+Pairs are tokenized on the host, grouped into a few fixed length buckets and padded to the batch size
+(a last partial batch to the next power of two), so jit compiles a handful of shapes however many
+documents come in; each batch is split over all local
 devices along a `data` mesh axis. Only the vocabulary entries a score head reads are computed.
 """
 from __future__ import annotations
@@ -143,7 +144,7 @@ class Reranker:
             members = np.flatnonzero(bucket_of == b)
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                tokens = np.zeros((self.batch_size, bucket_len), np.int32)
+                tokens = np.zeros((self._rows_for(len(chunk)), bucket_len), np.int32)
                 for row, idx in enumerate(chunk):
                     tokens[row, : lengths[idx]] = encoded[idx]
                 batch = jax.device_put(tokens, self._batch_sharding)
@@ -151,6 +152,15 @@ class Reranker:
                                    vocab_ids=self.vocab_ids)
                 scores[chunk] = np.asarray(out)[: len(chunk)]
         return scores
+
+    def _rows_for(self, n: int) -> int:
+        """Rows of a batch holding n pairs: the full batch, or for a last partial batch the next power of
+        two (a multiple of the device count), so padding stays under 2x with a handful of shapes."""
+        devices = len(self.devices)
+        rows = devices
+        while rows < n:
+            rows *= 2
+        return min(rows, self.batch_size)
 
     def rank(self, query: str, docs: Sequence[str], doc_ids: Sequence[str] | None = None,
              top_k: int | None = None) -> list[RankedDoc]:
