@@ -93,6 +93,29 @@ class QuerySource(Protocol):
         ...
 
 
+def _jsonl_queries(path: Path):
+    """(line number, qid, text) of a BEIR-style queries JSONL ({"_id"|"qid", "text"|"query"})."""
+    from data_pipeline.cache import read_jsonl
+
+    for lineno, obj in read_jsonl(path):
+        qid = obj.get("_id", obj.get("qid"))
+        text = obj.get("text", obj.get("query"))
+        if qid is None:
+            raise ValueError(f"{path}:{lineno}: missing field '_id' (or 'qid')")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: field 'text' must be a string")
+        yield lineno, qid, text
+
+
+def _tsv_queries(path: Path):
+    """(line number, qid, text) of a `qid<TAB>text` file."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                qid, _, text = line.rstrip("\n").partition("\t")
+                yield lineno, qid, text
+
+
 def _shuffled_ids(corpus: Corpus, seed: int) -> list[str]:
     ids = corpus.ids()
     random.Random(seed).shuffle(ids)
@@ -229,35 +252,17 @@ class OriginalQueries:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: query file not found")
         pairs, empty = [], 0
-        jsonl = path.suffix.lower() in (".jsonl", ".json")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if jsonl:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                    qid = obj.get("_id", obj.get("qid"))
-                    text = obj.get("text", obj.get("query"))
-                    if qid is None:
-                        raise ValueError(f"{path}:{lineno}: missing field '_id' (or 'qid')")
-                    if text is not None and not isinstance(text, str):
-                        raise ValueError(f"{path}:{lineno}: field 'text' must be a string")
-                else:
-                    qid, _, text = line.rstrip("\n").partition("\t")
-                qid, text = str(qid).strip(), " ".join((text or "").split())
-                if not qid:
-                    raise ValueError(f"{path}:{lineno}: empty query id")
-                if not text:
-                    empty += 1
-                    if empty <= 5:
-                        log.warning("%s:%d: query %r is empty; skipped", path, lineno, qid)
-                    continue
-                pairs.append((qid, text))
+        rows = _jsonl_queries(path) if path.suffix.lower() in (".jsonl", ".json") else _tsv_queries(path)
+        for lineno, qid, text in rows:
+            qid, text = str(qid).strip(), " ".join((text or "").split())
+            if not qid:
+                raise ValueError(f"{path}:{lineno}: empty query id")
+            if not text:
+                empty += 1
+                if empty <= 5:
+                    log.warning("%s:%d: query %r is empty; skipped", path, lineno, qid)
+                continue
+            pairs.append((qid, text))
         return pairs, empty
 
     def generate(self, corpus: Corpus, n: int | None, *, seed: int, seen: set[str]) -> tuple[list[Query], SourceStats]:
