@@ -167,7 +167,8 @@ def plot_loss_curve(records: list[dict], path: Path) -> Path:
                  color="tab:orange", label=f"{agree_key} with the teacher (train batch)")
         ax2.set_ylabel(agree_key)
         lines = ax.get_lines() + ax2.get_lines()
-        ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncol=2, fontsize=8, frameon=False)
     ax.set_title("TWOLAR demo: tiny student distilled from the offline teacher")
     ax.grid(alpha=0.3)
     fig.tight_layout()
