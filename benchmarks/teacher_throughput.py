@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.llm_client import ChatClient  # noqa: E402
-from data_pipeline.teacher import ListwiseLLMTeacher, TeacherRequest  # noqa: E402
+from data_pipeline.set_builder.llm_client import ChatClient  # noqa: E402
+from data_pipeline.set_builder.teacher import ListwiseLLMTeacher, TeacherRequest  # noqa: E402
 
 
 def start_server() -> tuple[subprocess.Popen, int]:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from eval import first_stage, readers
-from eval.readers import Qrels, Run
+from retrieval import readers
+from retrieval.bm25 import DEFAULT_CACHE_DIR, bm25_run
+from retrieval.runs import Qrels, Run, sort_hits
+from twolar_jax.errors import FormatError, MissingFileError, OptionError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = REPO_ROOT / "data"
 TREC_DL_FILES = {
     "dl19": ("dl19_bm25_top100.json", "qrels.dl19-passage.txt"),
     "dl20": ("dl20_bm25_top100.json", "qrels.dl20-passage.txt"),
@@ -27,8 +27,9 @@ class EvalSet:
     name: str  # e.g. "trec_dl/dl19", "beir/scifact"
     qrels: Qrels
     queries: dict[str, str]
-    first_stage: Callable[[int], Run]  # depth -> run
+    first_stage: Callable[[int], Run]  # depth -> run with the retriever's own scores
     doc_text: Callable[[str], str | None]
+    total_queries: int = 0  # judged queries of the full set (before any max_queries cut)
 
     @property
     def is_beir(self) -> bool:
@@ -38,7 +39,7 @@ class EvalSet:
 def trec_dl_set(data_dir: str | os.PathLike, year: str) -> EvalSet:
     """TREC DL from the shipped candidate JSON (pyserini BM25 top-100 with passage text) and NIST qrels."""
     if year not in TREC_DL_FILES:
-        raise ValueError(f"unknown TREC DL set {year!r}; known: {sorted(TREC_DL_FILES)}")
+        raise OptionError(f"unknown TREC DL set {year!r}; known: {sorted(TREC_DL_FILES)}")
     folder = Path(data_dir) / "trec_dl"
     cand_name, qrels_name = TREC_DL_FILES[year]
     cand_path = folder / cand_name
@@ -46,30 +47,30 @@ def trec_dl_set(data_dir: str | os.PathLike, year: str) -> EvalSet:
     qrels = readers.read_qrels(folder / qrels_name)
     unknown = [r.qid for r in requests if r.qid not in qrels]
     if unknown:
-        raise readers.FormatError(f"{cand_path}: queries {unknown[:3]} are not judged in {folder / qrels_name}")
+        raise FormatError(cand_path, None, "qid", f"queries {unknown[:3]} are not judged in {folder / qrels_name}")
     queries = {r.qid: r.query for r in requests}
     texts = {c.docid: c.text for r in requests for c in r.candidates}
     base_run = readers.requests_to_run(requests)
+    most = max(len(r.candidates) for r in requests)
 
     def first(depth: int) -> Run:
-        if depth > max(len(r.candidates) for r in requests):
-            raise ValueError(f"{cand_path}: holds at most {max(len(r.candidates) for r in requests)} "
-                             f"candidates per query, {depth} asked")
-        return {q: dict(list(docs.items())[:depth]) for q, docs in base_run.items()}
+        if depth > most:
+            raise OptionError(f"{cand_path}: holds at most {most} candidates per query, {depth} asked")
+        return {q: dict(sort_hits(docs.items())[:depth]) for q, docs in base_run.items()}
 
-    return EvalSet(f"trec_dl/{year}", qrels, queries, first, texts.get)
+    return EvalSet(f"trec_dl/{year}", qrels, queries, first, texts.get, len(qrels))
 
 
 def beir_set(path: str | os.PathLike, *, split: str = "test", cache_dir: str | os.PathLike | None = None,
              k1: float = 0.9, b: float = 0.4, remove_query: bool = True, threads: int = 1) -> EvalSet:
     ds = readers.load_beir(path, split)
-    cache = Path(cache_dir) if cache_dir else first_stage.DEFAULT_CACHE_DIR
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
 
     def first(depth: int) -> Run:
-        return first_stage.bm25_run(ds, k=depth, k1=k1, b=b, remove_query=remove_query,
-                                    cache_dir=cache, threads=threads)
+        return bm25_run(ds.corpus, ds.queries, k=depth, k1=k1, b=b, remove_query=remove_query, cache_dir=cache,
+                        threads=threads)
 
-    return EvalSet(f"beir/{ds.name}", ds.qrels, ds.queries, first, first_stage.corpus_text(ds.corpus))
+    return EvalSet(f"beir/{ds.name}", ds.qrels, ds.queries, first, ds.corpus.contents, len(ds.qrels))
 
 
 def expand_names(names: list[str] | tuple[str, ...], data_dir: str | os.PathLike) -> list[str]:
@@ -81,14 +82,14 @@ def expand_names(names: list[str] | tuple[str, ...], data_dir: str | os.PathLike
             found = sorted(p.name for p in (data_dir / "beir").iterdir() if readers.is_beir_dir(p)) \
                 if (data_dir / "beir").is_dir() else []
             if not found:
-                raise FileNotFoundError(f"{data_dir / 'beir'}: no BEIR dataset dirs (corpus.jsonl, queries.jsonl, qrels/)")
+                raise MissingFileError(f"{data_dir / 'beir'}: no BEIR dataset dirs (corpus.jsonl, queries.jsonl, qrels/)")
             out += [f"beir/{n}" for n in found]
         elif name == "trec_dl/*":
             out += [f"trec_dl/{y}" for y, (c, _) in sorted(TREC_DL_FILES.items()) if (data_dir / "trec_dl" / c).is_file()]
         else:
             out.append(name)
     if len(set(out)) != len(out):
-        raise ValueError(f"a dataset is named twice: {out}")
+        raise OptionError(f"evaluate.datasets names a dataset twice: {out}")
     return out
 
 
@@ -98,4 +99,4 @@ def load_set(name: str, data_dir: str | os.PathLike, **beir_kw) -> EvalSet:
         return trec_dl_set(data_dir, rest)
     if kind == "beir" and rest:
         return beir_set(Path(data_dir) / "beir" / rest, **beir_kw)
-    raise ValueError(f"unknown dataset {name!r}: use trec_dl/dl19, trec_dl/dl20, beir/<name> or beir/*")
+    raise OptionError(f"unknown dataset {name!r}: use trec_dl/dl19, trec_dl/dl20, beir/<name> or beir/*")

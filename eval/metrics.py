@@ -1,12 +1,13 @@
-"""Metrics through ir-measures with trec_eval `-c` semantics, and result tables.
+"""Metrics through ir-measures with trec_eval's semantics, and result tables.
 
-`-c` semantics: every query in the qrels counts; a judged query the run does not answer scores 0.
-ir-measures already averages over all qrels queries (its "empty set" rule); we compute the mean
-ourselves from per-query values so this holds whatever provider ir-measures picks.
+Exactly as trec_eval computes them by default with `-c`: every query in the qrels counts (a judged query
+the run does not answer scores 0), and a run is ranked by score descending with ties broken by docid
+descending (trec_eval's rule, retrieval.runs.sort_hits). The run is re-scored by rank in that order
+before it reaches ir-measures, so every measure sees the same order whichever provider computes it
+(pytrec_eval for nDCG and recall, another one for RR). `ties="docid_ascending"` is the only other rule.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -14,11 +15,11 @@ from typing import Iterable, Mapping, Sequence
 
 import ir_measures
 
-from eval.readers import Qrels, Run
-from eval.runs import rank_scores
+from retrieval.runs import TIE_RULES, Qrels, Run, rank_scores
+from twolar_jax.durable_io import write_json_atomic, write_text_atomic
+from twolar_jax.errors import OptionError, check_choice
 
 DEFAULT_MEASURES: tuple[str, ...] = ("nDCG@10", "nDCG@1", "nDCG@5", "RR@10", "R@100")
-HEADLINE = "nDCG@10"
 
 
 def parse_measures(names: Iterable[str]) -> list:
@@ -27,7 +28,7 @@ def parse_measures(names: Iterable[str]) -> list:
         try:
             out.append(ir_measures.parse_measure(name))
         except Exception as e:  # ir-measures raises several types for bad names
-            raise ValueError(f"unknown measure {name!r} (ir-measures syntax, e.g. nDCG@10, RR@10, R@100): {e}") from None
+            raise OptionError(f"unknown measure {name!r} (ir-measures syntax, e.g. nDCG@10, RR@10, R@100): {e}") from None
     return out
 
 
@@ -36,21 +37,14 @@ def evaluate_run(
     run: Run,
     measures: Sequence[str] = DEFAULT_MEASURES,
     *,
-    ties: str = "docid",
+    ties: str = "trec_eval",
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """(mean over all qrels queries, per-query values) for each measure name.
-
-    ties="docid": order by score desc then docid asc (our run files), for every measure. ties="raw": hand
-    the scores to ir-measures as they are; then each provider breaks ties its own way (pytrec_eval, used
-    for nDCG@k and R@k, like trec_eval: docid descending; RR@10 comes from another provider that does
-    not), which is why "docid" is the default.
-    """
+    """(mean over all qrels queries, per-query values) for each measure name, ties as trec_eval breaks them
+    (module docstring) unless `ties="docid_ascending"`."""
     if not qrels:
-        raise ValueError("empty qrels")
-    if ties == "docid":
-        run = rank_scores(run)
-    elif ties != "raw":
-        raise ValueError(f"ties must be 'docid' or 'raw', got {ties!r}")
+        raise OptionError("empty qrels")
+    check_choice("ties", ties, TIE_RULES)
+    run = rank_scores(run, ties=ties)
     parsed = parse_measures(measures)
     names = {m: str(m) for m in parsed}
     per_query: dict[str, dict[str, float]] = {q: {str(m): 0.0 for m in parsed} for q in qrels}
@@ -85,19 +79,9 @@ def to_markdown(rows: Sequence[Mapping], measures: Sequence[str] = DEFAULT_MEASU
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    """Atomic JSON write (tmp + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Atomic JSON write, keys in the given order."""
+    return write_json_atomic(path, obj, sort_keys=False)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)

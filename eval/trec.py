@@ -13,11 +13,13 @@ import sys
 from typing import Sequence
 
 from eval.metrics import DEFAULT_MEASURES, evaluate_run, write_json
-from eval.readers import FormatError, read_qrels, read_rank_llm_jsonl, read_run, requests_to_run
+from retrieval.readers import read_qrels, read_rank_llm_jsonl, read_run, requests_in_file_order
+from retrieval.runs import TIE_RULES
+from twolar_jax.errors import FormatError, TwolarError
 
 
 def score_run_file(qrels_path: str, run_path: str, measures: Sequence[str] = DEFAULT_MEASURES, *,
-                   ties: str = "docid", allow_unjudged: bool = False):
+                   ties: str = "trec_eval", allow_unjudged: bool = False):
     """(aggregate, per-query) for a run file; queries the qrels do not know are an error unless allowed."""
     qrels = read_qrels(qrels_path)
     run = read_run(run_path, known_queries=None if allow_unjudged else set(qrels))
@@ -31,8 +33,8 @@ def score_rank_llm_file(qrels_path: str, path: str, measures: Sequence[str] = DE
     requests = read_rank_llm_jsonl(path)
     unknown = [r.qid for r in requests if r.qid not in qrels]
     if unknown and not allow_unjudged:
-        raise FormatError(f"{path}: unknown queries {unknown[:3]} (not in {qrels_path})")
-    run = {q: docs for q, docs in requests_to_run(requests).items() if q in qrels}
+        raise FormatError(path, None, "query.qid", f"unknown queries {unknown[:3]} (not in {qrels_path})")
+    run = {q: docs for q, docs in requests_in_file_order(requests).items() if q in qrels}
     return evaluate_run(qrels, run, measures)
 
 
@@ -43,9 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--run", help="TREC run (qid Q0 docid rank score tag), .gz allowed")
     source.add_argument("--rank_llm_jsonl", help="rank_llm results JSONL (candidates in reranked order)")
     parser.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="ir-measures names")
-    parser.add_argument("--ties", choices=("docid", "raw"), default="docid",
-                        help="tied scores: docid ascending (ours, default) or raw scores to ir-measures "
-                             "(nDCG/R then break ties like trec_eval, docid descending)")
+    parser.add_argument("--ties", choices=TIE_RULES, default="trec_eval",
+                        help="tied scores: trec_eval's rule, docid descending (default), or docid ascending")
     parser.add_argument("--allow_unjudged", action="store_true",
                         help="ignore run queries absent from the qrels instead of failing")
     parser.add_argument("--per_query", help="also write per-query values to this JSON file")
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             aggregate, per_query = score_rank_llm_file(args.qrels, args.rank_llm_jsonl, args.measures,
                                                        allow_unjudged=args.allow_unjudged)
-    except (ValueError, FileNotFoundError) as e:
+    except (TwolarError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.per_query:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipeline.cache import request_key  # noqa: E402
+from data_pipeline.set_builder.cache import request_key  # noqa: E402
 
 _QUERY = re.compile(r"^Search Query: (.*)\. \nRank the (\d+) passages above", re.S)
 _PASSAGE = re.compile(r"^\[(\d+)\] (.*)$", re.S)

@@ -6,12 +6,15 @@ import gin
 import numpy as np
 import pytest
 
-from data_pipeline import build as build_mod
-from data_pipeline.build import build
-from data_pipeline.formats import read_distill_jsonl
-from data_pipeline.offline_teacher import OfflineTeacher, SentenceTransformerScorer
-from data_pipeline.queries import CroppedSentences, OriginalQueries
-from data_pipeline.retrievers import BM25Retriever, RunFileRetriever
+from data_pipeline.set_builder import build as build_module
+from data_pipeline.set_builder import cli as build_cli
+from data_pipeline.set_builder.configurables import register_build
+from data_pipeline.set_builder.build import build
+from data_pipeline.distill_format import read_distill_jsonl
+from data_pipeline.set_builder.offline_teacher import OfflineTeacher, SentenceTransformerScorer
+from data_pipeline.set_builder.queries import CroppedSentences, OriginalQueries
+from retrieval.bm25 import BM25Retriever
+from retrieval.run_file import RunFileRetriever
 
 pytestmark = pytest.mark.bm25
 
@@ -46,7 +49,7 @@ def test_build_offline_counts_bad_input_and_labels_the_rest(data_dir, tmp_path, 
         query_mix={"crop": 0.5, "original": 0.5}, num_queries=8, depth=k, progress=False,
         work_dir=str(tmp_path / "work"))
 
-    assert manifest["build"]["corpus"]["skipped_no_text"] == 2
+    assert manifest["build"]["corpus"]["skipped_empty"] == 1  # the title-only doc is kept (its title is text)
     assert manifest["queries"]["by_source"]["original"]["skipped_empty"] == 1
     assert manifest["queries"]["shortfall"] == {"original": 1}  # 4 asked, 3 non-empty in the file
     n_queries = manifest["candidates"]["queries"]
@@ -79,11 +82,11 @@ def manifest_qids(out):
 
 
 def test_console_main_runs_the_scifact_offline_gin(tmp_path, monkeypatch, repo_root, scorer):
-    monkeypatch.chdir(repo_root)
+    monkeypatch.chdir(tmp_path)  # the shipped gin and data resolve from any directory
     gin.clear_config()
     out = tmp_path / "scifact"
-    code = build_mod.console_main([
-        "--gin_file=data/scifact_offline.gin", f"--gin.OUTPUT_DIR='{out}'", "--gin.build.num_queries=6",
+    code = build_cli.console_main([
+        "--gin_file=runs/build_scifact_offline.gin", f"--gin.OUTPUT_DIR='{out}'", "--gin.build.num_queries=6",
         "--gin.build.max_corpus_passages=400", "--gin.build.depth=8", "--gin.build.progress=False",
         f"--gin.build.work_dir='{tmp_path / 'work'}'"])
     gin.clear_config()
@@ -96,32 +99,34 @@ def test_console_main_runs_the_scifact_offline_gin(tmp_path, monkeypatch, repo_r
 
 
 def test_msmarco_openai_gin_parses_with_its_required_macros(tmp_path):
-    configured = build_mod._register_gin()
+    from twolar_jax import gin_utils
+
+    configured = register_build()
     gin.clear_config()
     try:
-        gin.parse_config_files_and_bindings(
-            [str(build_mod.Path(build_mod.__file__).resolve().parent.parent / "gin" / "data" / "msmarco_openai.gin")],
+        gin_utils.parse_gin_flags(
+            ["runs/build_msmarco_openai.gin"],
             [f"OUTPUT_DIR = '{tmp_path}'", "MSMARCO_COLLECTION = 'c.tsv'", "DOC2QUERY_CKPT = 'd'",
              "SPLADE_CKPT = 's'", "DRAGON_QUERY_ENCODER = 'q'", "DRAGON_CONTEXT_ENCODER = 'c'", "MONOT5_CKPT = 'm'"])
         assert gin.query_parameter("teacher.ListwiseLLMTeacher.window_size") == 20
         assert gin.query_parameter("teacher.ListwiseLLMTeacher.step") == 10
         assert gin.query_parameter("build.query_mix") == {"crop": 0.5, "doct5query": 0.5}
         assert gin.query_parameter("build.num_queries") == 20000
-        assert configured is build_mod._register_gin()  # registration is idempotent
+        assert configured is register_build()  # registration is idempotent
     finally:
         gin.clear_config()
 
 
 @pytest.mark.slow
 def test_build_hands_train_jsonl_to_the_tfds_builder(tmp_path):
-    from data_pipeline.formats import Candidate, DistillRecord, write_distill_jsonl
+    from data_pipeline.distill_format import Candidate, DistillRecord, write_distill_jsonl
 
     records = [DistillRecord(f"q{i}", f"query {i}", "crop",
                              [Candidate(f"d{j}", f"text {j}", "bm25") for j in range(3)]) for i in range(5)]
     write_distill_jsonl(tmp_path / "train.jsonl", records)
-    status = build_mod._maybe_tfds(tmp_path, str(tmp_path / "tfds"))
+    status = build_module._maybe_tfds(tmp_path, str(tmp_path / "tfds"))
     assert status.startswith("twolar_distill 1.0.0")
     import tensorflow_datasets as tfds
 
     assert tfds.builder("twolar_distill", data_dir=str(tmp_path / "tfds")).info.splits["train"].num_examples == 5
-    assert build_mod._maybe_tfds(tmp_path, None) == "not requested"
+    assert build_module._maybe_tfds(tmp_path, None) == "not requested"

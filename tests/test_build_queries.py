@@ -3,9 +3,12 @@ import json
 
 import pytest
 
-from data_pipeline.corpus import Corpus, Passage, load_corpus
-from data_pipeline.queries import (CroppedSentences, DocT5Query, OriginalQueries, mix_queries,
-                                   normalize_query, read_queries, split_counts, split_sentences, write_queries)
+from data_pipeline.set_builder.queries import (CroppedSentences, DocT5Query, OriginalQueries, mix_queries,
+                                               normalize_query, read_queries_file, split_counts, split_sentences,
+                                               write_queries)
+from retrieval.corpus import Corpus
+from retrieval.corpus import Document as Passage
+from retrieval.corpus import read_corpus as load_corpus
 
 
 def _corpus(texts: dict[str, str]) -> Corpus:
@@ -58,10 +61,10 @@ def test_original_queries_skip_empty_and_name_bad_lines(tmp_path):
     assert stats.skipped_empty == 1 and stats.duplicates == 1  # "what is bm25 ?" normalises to the first
     jl = tmp_path / "q.jsonl"
     jl.write_text(json.dumps({"_id": "a", "text": "x y"}) + "\n" + json.dumps({"text": "no id"}) + "\n")
-    with pytest.raises(ValueError, match=r"q\.jsonl:2: missing field '_id'"):
+    with pytest.raises(ValueError, match=r"q\.jsonl:2: _id: missing field"):
         OriginalQueries(path=str(jl)).read()
     jl.write_text('{"_id": "a", "text": "x y"}\n{broken\n')
-    with pytest.raises(ValueError, match=r"q\.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"q\.jsonl:2: line: invalid JSON"):
         OriginalQueries(path=str(jl)).read()
 
 
@@ -88,7 +91,7 @@ def test_split_counts_and_mix(tmp_path):
         mix_queries(sources, {"nope": 1.0}, 3, corpus=corpus)
     path = tmp_path / "queries.jsonl"
     write_queries(path, queries)
-    assert read_queries(path) == queries
+    assert read_queries_file(path) == queries
 
 
 def test_corpus_skips_lines_without_text_and_names_bad_json(tmp_path):
@@ -97,20 +100,25 @@ def test_corpus_skips_lines_without_text_and_names_bad_json(tmp_path):
         json.dumps({"_id": "1", "title": "T", "text": "body one"}),
         json.dumps({"_id": "2", "title": "only title", "text": ""}),
         json.dumps({"_id": "3", "text": "   "}),
-        json.dumps({"_id": "1", "text": "dup"}),
-        json.dumps({"text": "no id"}),
         json.dumps({"_id": "4", "text": "body  four\n"}),
     ]) + "\n")
     corpus = load_corpus(path)
-    assert corpus.ids() == ["1", "4"] and corpus["1"].contents == "T body one" and corpus["4"].text == "body four"
-    assert (corpus.stats.skipped_no_text, corpus.stats.duplicate_ids, corpus.stats.skipped_no_id) == (2, 1, 1)
+    assert list(corpus) == ["1", "2", "4"] and corpus["1"].contents == "T body one" and corpus["4"].text == "body four"
+    assert corpus["2"].contents == "only title"  # a title is text too (training and eval read the same)
+    assert corpus.stats.skipped_empty == 1
+    path.write_text(json.dumps({"_id": "1", "text": "ok"}) + "\n" + json.dumps({"_id": "1", "text": "dup"}) + "\n")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: _id: duplicate document id '1' \(first on line 1\)"):
+        load_corpus(path)
+    path.write_text(json.dumps({"text": "no id"}) + "\n")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:1: _id: missing field"):
+        load_corpus(path)
     path.write_text(json.dumps({"_id": "1", "text": "ok"}) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: line: invalid JSON"):
         load_corpus(path)
     tsv = tmp_path / "collection.tsv"
     tsv.write_text("p1\tfirst passage\np2\t\np3\tTitle\tthird passage\n")
     corpus = load_corpus(tsv)
-    assert corpus.ids() == ["p1", "p3"] and corpus["p3"].title == "Title" and corpus.stats.skipped_no_text == 1
+    assert list(corpus) == ["p1", "p3"] and corpus["p3"].title == "Title" and corpus.stats.skipped_empty == 1
 
 
 @pytest.fixture(scope="module")

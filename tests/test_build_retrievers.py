@@ -5,9 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from data_pipeline.corpus import Corpus, Passage
-from data_pipeline.retrievers import (BM25Retriever, DragonRetriever, MonoT5Retriever, RunFileRetriever,
-                                      SpladeEncoder, SpladeRetriever, merge_candidates)
+from retrieval.corpus import Corpus, Document as Passage
+from retrieval.bm25 import BM25Retriever
+from retrieval.dense import DenseRetriever
+from retrieval.fusion import merge_candidates
+from retrieval.monot5 import MonoT5Retriever
+from retrieval.run_file import RunFileRetriever
+from retrieval.splade import SpladeEncoder, SpladeRetriever
 
 WORDS = ("cat dog fish bird tree rock water fire earth wind sun moon star cell gene protein virus drug "
          "heart brain blood bone skin lung").split()
@@ -50,7 +54,7 @@ def test_run_file_retriever(tmp_path):
     r.prepare(_corpus(), tmp_path)
     assert r.retrieve({"q1": "x", "q3": "y"}, 2) == {"q1": [("d1", 5.0), ("d2", 3.0)], "q3": []}
     run.write_text("q1 Q0 d2 1 3.0 t\nq1 Q0 d1 2 high t\n")
-    with pytest.raises(ValueError, match=r"run\.trec:2: field 'score'"):
+    with pytest.raises(ValueError, match=r"run\.trec:2: score: 'high' is not a number"):
         RunFileRetriever(path=str(run)).prepare(_corpus(), tmp_path)
 
 
@@ -109,7 +113,7 @@ def test_splade_impact_index_equals_bruteforce_dot_products(tmp_path):
     r.prepare(corpus, tmp_path / "work")
     queries = {"q1": "cat dog water", "q2": "protein gene virus brain"}
     got = r.retrieve(queries, 5)
-    doc_vecs = dict(zip(corpus.ids(), enc.encode([p.contents for p in corpus], quantization=10.0)))
+    doc_vecs = dict(zip(list(corpus), enc.encode([p.contents for p in corpus.documents()], quantization=10.0)))
     for qid, text in queries.items():
         qv = enc.encode([text], quantization=10.0)[0]
         brute = sorted(((d, float(sum(w * v.get(t, 0) for t, w in qv.items()))) for d, v in doc_vecs.items()),
@@ -117,17 +121,17 @@ def test_splade_impact_index_equals_bruteforce_dot_products(tmp_path):
         # Integer impacts: the exact dot products (Lucene sums them in float32).
         assert [s for _, s in got[qid]] == pytest.approx([s for _, s in brute], abs=1e-3)
         assert brute[0][1] > 0
-        assert {d for d, _ in got[qid]} <= set(corpus.ids())
+        assert {d for d, _ in got[qid]} <= set(list(corpus))
 
 
-def test_dragon_faiss_equals_bruteforce_cls_inner_products(tmp_path):
+def test_dense_faiss_equals_bruteforce_cls_inner_products(tmp_path):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     q_ckpt = _write_bert(tmp_path / "dragon-q", masked_lm=False, seed=1)
     c_ckpt = _write_bert(tmp_path / "dragon-c", masked_lm=False, seed=2)
     corpus = _corpus()
-    r = DragonRetriever(query_encoder_path=q_ckpt, context_encoder_path=c_ckpt, max_length=32, batch_size=5)
+    r = DenseRetriever(query_encoder_path=q_ckpt, context_encoder_path=c_ckpt, max_length=32, batch_size=5)
     r.prepare(corpus, tmp_path / "work")
     queries = {"a": "cat fish", "b": "heart lung blood"}
     got = r.retrieve(queries, 4)
@@ -137,16 +141,16 @@ def test_dragon_faiss_equals_bruteforce_cls_inner_products(tmp_path):
         with torch.no_grad():
             return np.stack([model(**tok([t], return_tensors="pt")).last_hidden_state[0, 0].numpy() for t in texts])
 
-    docs = cls(c_ckpt, [p.contents for p in corpus])
+    docs = cls(c_ckpt, [p.contents for p in corpus.documents()])
     for qid, text in queries.items():
         scores = docs @ cls(q_ckpt, [text])[0]
         top = np.argsort(-scores, kind="stable")[:4]
-        assert [d for d, _ in got[qid]] == [corpus.ids()[i] for i in top]
+        assert [d for d, _ in got[qid]] == [list(corpus)[i] for i in top]
         np.testing.assert_allclose([s for _, s in got[qid]], scores[top], rtol=1e-4, atol=1e-5)
     # Embeddings are cached: a second retriever loads them instead of encoding again.
-    cache_dirs = list((tmp_path / "work").glob("dragon-*"))
-    assert len(cache_dirs) == 1 and json.loads((cache_dirs[0] / "ids.json").read_text()) == corpus.ids()
-    r2 = DragonRetriever(query_encoder_path=q_ckpt, context_encoder_path="/nonexistent/ctx", max_length=32)
+    cache_dirs = list((tmp_path / "work").glob("dense-*"))
+    assert len(cache_dirs) == 1 and json.loads((cache_dirs[0] / "ids.json").read_text()) == list(corpus)
+    r2 = DenseRetriever(query_encoder_path=q_ckpt, context_encoder_path="/nonexistent/ctx", max_length=32)
     r2.context_encoder_path = c_ckpt  # same cache key; the encoder is never loaded
     r2.prepare(corpus, tmp_path / "work")
     assert r2.retrieve(queries, 4) == got
@@ -156,23 +160,23 @@ def test_dense_mean_pooling_matches_sentence_transformers(tmp_path):
     """pooling='mean' + normalize with the bundled all-MiniLM-L6-v2 equals sentence-transformers' cosine."""
     from sentence_transformers import SentenceTransformer
 
-    from data_pipeline.offline_teacher import bundled_minilm_path
+    from data_pipeline.set_builder.offline_teacher import bundled_minilm_path
 
     path = bundled_minilm_path()
     corpus = _corpus()
-    r = DragonRetriever(query_encoder_path=path, context_encoder_path=path, pooling="mean", normalize=True,
+    r = DenseRetriever(query_encoder_path=path, context_encoder_path=path, pooling="mean", normalize=True,
                         max_length=64, batch_size=4)
     r.prepare(corpus, tmp_path / "work")
     got = r.retrieve({"a": "cat fish"}, 3)["a"]
     st = SentenceTransformer(path, device="cpu")
     st.max_seq_length = 64
-    docs = st.encode([p.contents for p in corpus], normalize_embeddings=True)
+    docs = st.encode([p.contents for p in corpus.documents()], normalize_embeddings=True)
     scores = docs @ st.encode(["cat fish"], normalize_embeddings=True)[0]
     top = np.argsort(-scores, kind="stable")[:3]
-    assert [d for d, _ in got] == [corpus.ids()[i] for i in top]
+    assert [d for d, _ in got] == [list(corpus)[i] for i in top]
     np.testing.assert_allclose([s for _, s in got], scores[top], atol=1e-4)
     with pytest.raises(ValueError, match="pooling='max'"):
-        DragonRetriever(query_encoder_path=path, context_encoder_path=path, pooling="max")
+        DenseRetriever(query_encoder_path=path, context_encoder_path=path, pooling="max")
 
 
 # ---------------------------------------------------------------------------------------------- monoT5
@@ -196,7 +200,7 @@ def test_monot5_reranks_bm25_topk_with_softmax_head(tmp_path):
     query = "cat dog fish bird"
     got = r.retrieve({"q": query}, 4)["q"]
     first = [d for d, _ in bm25.retrieve({"q": query}, 6)["q"]]
-    scores = Reranker.from_pretrained(str(ckpt), score="softmax", batch_size=8, max_length=64).score_pairs(
+    scores = Reranker.from_pretrained(str(ckpt), score_head="softmax", batch_size=8, max_length=64).score_pairs(
         [query] * len(first), [corpus[d].contents for d in first])
     expect = sorted(zip(first, scores.tolist()), key=lambda p: (-p[1], first.index(p[0])))[:4]
     assert [d for d, _ in got] == [d for d, _ in expect]

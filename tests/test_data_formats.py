@@ -1,4 +1,4 @@
-"""The distillation JSONL (contract 7) and the TWOLAR / rank_llm readers: round trips and every bad input.
+"""The distillation JSONL and the TWOLAR / rank_llm readers: round trips and every bad input.
 
 No TensorFlow here (formats.py must stay importable without it; one test checks that)."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from data_pipeline import formats
-from data_pipeline.formats import Candidate, DistillRecord, FormatError
+from data_pipeline import distill_format as formats
+from data_pipeline.distill_format import Candidate, DistillRecord, FormatError
 
 
 def _good(qid="q1", n=3, scores=True, **over):
@@ -46,7 +46,7 @@ def test_round_trip_write_read(tmp_path):
 
 
 def test_formats_does_not_import_tensorflow():
-    code = "import sys, data_pipeline.formats; print('tensorflow' in sys.modules)"
+    code = "import sys, data_pipeline.distill_format; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -108,7 +108,7 @@ def test_skip_invalid_counts_and_logs(tmp_path, caplog):
              json.dumps(_good("q4", teacher_scores=[1.0])), json.dumps(_good("q5"))]
     path = _write_lines(tmp_path / "s.jsonl", lines)
     stats = {}
-    with caplog.at_level("WARNING", logger="data_pipeline.formats"):
+    with caplog.at_level("WARNING", logger="data_pipeline.distill_format"):
         got = list(formats.read_distill_jsonl(path, skip_invalid=True, stats=stats))
     assert [r.qid for r in got] == ["q1", "q5"]
     assert stats == {"lines": 7, "records": 2, "blank": 1, "skipped": 4,
@@ -139,13 +139,16 @@ def test_index_offsets_reread_records(tmp_path):
     assert len(formats.DistillIndex(bad, skip_invalid=True)) == 1
 
 
-def test_select_group_padding_modes():
+def test_group_texts_padding_modes():
+    from twolar_jax.groups import group_texts
+
     rec = formats.parse_distill_line(json.dumps(_good(n=3)))
-    assert formats.select_group(rec, 2) == ["passage 0 é", "passage 1 é"]
-    assert formats.select_group(rec, 5) == ["passage 0 é", "passage 1 é", "passage 2 é"]
-    assert formats.select_group(rec, 5, padding="twolar")[3:] == ["<padding_passage>"] * 2
-    with pytest.raises(ValueError, match="padding"):
-        formats.select_group(rec, 5, padding="zero")
+    texts = [c.text for c in rec.candidates]
+    assert group_texts(texts, 2) == ["passage 0 é", "passage 1 é"]
+    assert group_texts(texts, 5) == ["passage 0 é", "passage 1 é", "passage 2 é"]
+    assert group_texts(texts, 5, padding="twolar")[3:] == ["<padding_passage>"] * 2
+    with pytest.raises(ValueError, match="padding='zero'"):
+        group_texts(texts, 5, padding="zero")
 
 
 # ------------------------------------------------------------------------------------------ TWOLAR format
@@ -189,7 +192,7 @@ def test_twolar_reader_errors(tmp_path, obj, field, what):
 
 
 def test_rank_llm_result_to_distill(tmp_path):
-    pytest.importorskip("eval.readers")
+    pytest.importorskip("retrieval.readers")
     rows = [
         {"query": {"text": "how tall?", "qid": 5},
          "candidates": [{"docid": "b", "score": 1.0, "doc": {"contents": "second by bm25"}},

@@ -13,10 +13,11 @@ seqio = pytest.importorskip("seqio")
 
 from seqio import test_utils  # noqa: E402
 
-from data_pipeline import dataset, formats, preprocessors, tasks  # noqa: E402
-from data_pipeline.feature_converters import DistillFeatureConverter  # noqa: E402
-from data_pipeline.formats import Candidate, DistillRecord, FormatError  # noqa: E402
-from data_pipeline.vocab import get_vocabulary  # noqa: E402
+from data_pipeline import distill_format as formats
+from data_pipeline.seqio_input import batches as dataset, preprocessors, tasks  # noqa: E402
+from data_pipeline.seqio_input.feature_converters import DistillFeatureConverter  # noqa: E402
+from data_pipeline.distill_format import Candidate, DistillRecord, FormatError  # noqa: E402
+from data_pipeline.seqio_input.vocab import get_vocabulary  # noqa: E402
 from twolar_jax.tokenizer import T5Tokenizer, encode_query_document  # noqa: E402
 
 QUERY_TYPES = ("crop", "doct5query", "msmarco")
@@ -147,11 +148,11 @@ def test_feature_converter_shapes_mask_and_ranks():
     out = DistillFeatureConverter()(ds, preprocessors.feature_lengths(3, 8))
     z = [0] * 5
     test_utils.assert_dataset(out, [
-        {"encoder_input_tokens": [[5, 6, 1] + z, [7, 1, 0] + z, [0] * 8], "decoder_input_tokens": [[0], [0], [0]],
+        {"encoder_input_tokens": [[5, 6, 1] + z, [7, 1, 0] + z, [0] * 8],
          "teacher_ranks": [0, 1, 2], "passage_mask": [1, 1, 0], "teacher_scores": [2.5, 1.5, 0.0]},
-        {"encoder_input_tokens": [[8, 1, 0] + z, [0] * 8, [0] * 8], "decoder_input_tokens": [[0], [0], [0]],
+        {"encoder_input_tokens": [[8, 1, 0] + z, [0] * 8, [0] * 8],
          "teacher_ranks": [0, 1, 2], "passage_mask": [1, 0, 0], "teacher_scores": [0.0, 0.0, 0.0]},
-    ], expected_dtypes={"encoder_input_tokens": tf.int32, "decoder_input_tokens": tf.int32, "teacher_ranks": tf.int32,
+    ], expected_dtypes={"encoder_input_tokens": tf.int32, "teacher_ranks": tf.int32,
                         "passage_mask": tf.int32, "teacher_scores": tf.float32})
     assert out.element_spec["encoder_input_tokens"].shape == (3, 8)
     with pytest.raises(ValueError, match="cannot pack"):
@@ -181,7 +182,7 @@ def _record_ids(batch) -> list[int]:
 def test_batches_shapes_and_dtypes(registered):
     (b,) = _batches(1)
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-        "encoder_input_tokens": ((2, 4, 24), np.int32), "decoder_input_tokens": ((2, 4, 1), np.int32),
+        "encoder_input_tokens": ((2, 4, 24), np.int32),
         "teacher_ranks": ((2, 4), np.int32), "passage_mask": ((2, 4), np.int32),
         "teacher_scores": ((2, 4), np.float32)}
     recs = _records()
@@ -270,7 +271,7 @@ def test_validation_split_and_errors(registered, train_file, tmp_path):
 
 
 def test_tfds_prepared_form_matches_jsonl(registered, train_file, tmp_path):
-    from data_pipeline import tfds_builder
+    from data_pipeline.seqio_input import tfds_builder
 
     tfds_builder.build_tfds(train_path=train_file, data_dir=tmp_path / "tfds")
     names = tasks.register_distill_tfds_tasks(data_dir=tmp_path / "tfds")

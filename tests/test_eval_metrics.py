@@ -1,4 +1,4 @@
-"""eval.metrics / eval.runs / eval.trec: exact hand-computed values, -c semantics, tie-break, run files."""
+"""eval.metrics / retrieval.runs / eval.trec: exact hand-computed values, -c semantics, trec_eval ties, run files."""
 import json
 import math
 import subprocess
@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from eval import metrics, readers, runs, trec
+from eval import metrics, trec
+from retrieval import readers, runs
 
 # q1: graded; q2: perfect; q3: judged but absent from the run (counts 0 under -c); q4: a tie.
 QRELS = {"q1": {"a": 2, "b": 1, "c": 0}, "q2": {"d": 1}, "q3": {"e": 1}, "q4": {"x": 0, "y": 1}}
@@ -18,14 +19,14 @@ def _hand() -> dict:
     lg = math.log2
     q1_ndcg10 = (0 + 2 / lg(3) + 1 / lg(4)) / (2 + 1 / lg(3))
     q1_ndcg5 = q1_ndcg10
-    # q4 with our tie-break (docid ascending): x (rel 0) then y (rel 1).
-    q4_ndcg = (1 / lg(3)) / 1.0
+    # q4 with trec_eval's tie-break (docid descending): y (rel 1) then x (rel 0).
+    q4_ndcg = 1.0
     n = 4  # all judged queries count; q9 is unjudged and ignored
     return {
         "nDCG@10": (q1_ndcg10 + 1 + 0 + q4_ndcg) / n,
         "nDCG@5": (q1_ndcg5 + 1 + 0 + q4_ndcg) / n,
-        "nDCG@1": (0 + 1 + 0 + 0) / n,
-        "RR@10": (1 / 2 + 1 + 0 + 1 / 2) / n,
+        "nDCG@1": (0 + 1 + 0 + 1) / n,
+        "RR@10": (1 / 2 + 1 + 0 + 1) / n,
         "R@100": (1 + 1 + 0 + 1) / n,
     }
 
@@ -40,35 +41,55 @@ def test_hand_computed_with_missing_query():
     assert per_query["q2"]["nDCG@10"] == 1.0
 
 
-def test_ir_measures_aggregate_agrees():
-    """ir-measures' own aggregate also averages over every qrels query (the -c rule)."""
+def _pytrec_eval(qrels, run, measures):
+    """Per-query values from ir-measures' pytrec_eval provider (trec_eval's own code) on the raw scores."""
     import ir_measures
 
-    ours, _ = metrics.evaluate_run(QRELS, RUN, ties="raw")
-    theirs = ir_measures.calc_aggregate([ir_measures.parse_measure(m) for m in metrics.DEFAULT_MEASURES], QRELS, RUN)
-    for m, v in theirs.items():
-        assert ours[str(m)] == pytest.approx(v, abs=1e-12)
+    parsed = [ir_measures.parse_measure(m) for m in measures]
+    out = {q: {m: 0.0 for m in measures} for q in qrels}
+    for metric in ir_measures.pytrec_eval.iter_calc(parsed, qrels, {q: d for q, d in run.items() if q in qrels}):
+        out[metric.query_id][str(metric.measure)] = metric.value
+    return out
+
+
+def test_trec_eval_ties_match_pytrec_eval_on_a_tied_run():
+    """Every measure, ties included, equals what trec_eval's own code computes (pytrec_eval provider)."""
+    rng = np.random.default_rng(0)
+    qrels = {f"q{i}": {f"d{j}": int(rng.integers(0, 3)) for j in range(12)} for i in range(20)}
+    run = {q: {f"d{j}": float(rng.integers(0, 3)) for j in rng.permutation(15)[:10]} for q in qrels}  # many ties
+    ours_mean, ours = metrics.evaluate_run(qrels, run)
+    theirs = _pytrec_eval(qrels, run, metrics.DEFAULT_MEASURES)
+    for q in qrels:
+        for m in metrics.DEFAULT_MEASURES:
+            assert ours[q][m] == pytest.approx(theirs[q][m], abs=1e-12), (q, m)
+    # ... and the docid-ascending rule really gives other numbers on this run.
+    other, _ = metrics.evaluate_run(qrels, run, ties="docid_ascending")
+    assert other["nDCG@10"] != pytest.approx(ours_mean["nDCG@10"], abs=1e-6)
 
 
 def test_tie_break_modes():
     _, pq = metrics.evaluate_run(QRELS, RUN, ["RR@10", "nDCG@10"])
+    assert pq["q4"]["RR@10"] == 1.0  # trec_eval: y before x (docid descending)
+    assert pq["q4"]["nDCG@10"] == 1.0
+    _, pq = metrics.evaluate_run(QRELS, RUN, ["RR@10", "nDCG@10"], ties="docid_ascending")
     assert pq["q4"]["RR@10"] == 0.5  # x before y
     assert pq["q4"]["nDCG@10"] == pytest.approx(1 / math.log2(3))
-    _, pq = metrics.evaluate_run(QRELS, RUN, ["nDCG@10"], ties="raw")
-    assert pq["q4"]["nDCG@10"] == 1.0  # pytrec_eval breaks ties like trec_eval: docid descending, y first
+    with pytest.raises(ValueError, match="ties='raw'"):
+        metrics.evaluate_run(QRELS, RUN, ties="raw")
     with pytest.raises(ValueError, match="unknown measure 'nDCG@x'"):
         metrics.evaluate_run(QRELS, RUN, ["nDCG@x"])
 
 
 def test_ranked_and_run_file_round_trip(tmp_path):
-    run = {"q1": {"b": 0.5, "a": 0.5, "c": 0.75}, "q0": {"z": np.float32(1 / 3)}}
-    assert runs.ranked(run["q1"]) == [("c", 0.75), ("a", 0.5), ("b", 0.5)]
+    run = {"q1": {"b": 0.5, "a": 0.5, "c": 0.75}, "q0": {"z": np.float32(1 / 3)}, "q2": {"h": 1e308, "g": 1e307}}
+    assert runs.sort_hits(run["q1"].items()) == [("c", 0.75), ("b", 0.5), ("a", 0.5)]  # trec_eval: docid desc
     path = runs.write_trec_run(tmp_path / "r.trec", run, tag="mine")
     lines = path.read_text().splitlines()
-    assert lines == ["q0 Q0 z 1 0.33333334 mine", "q1 Q0 c 1 0.75 mine", "q1 Q0 a 2 0.5 mine",
-                     "q1 Q0 b 3 0.5 mine"]
+    assert lines == ["q0 Q0 z 1 0.3333333432674408 mine", "q1 Q0 c 1 0.75 mine", "q1 Q0 b 2 0.5 mine",
+                     "q1 Q0 a 3 0.5 mine", "q2 Q0 h 1 1e+308 mine", "q2 Q0 g 2 1e+307 mine"]
     back = readers.read_run(path)
-    assert np.float32(back["q0"]["z"]) == np.float32(1 / 3)  # fp32 survives the text round trip
+    assert back["q0"]["z"] == float(np.float32(1 / 3))  # exact: float64 text round trip
+    assert back["q2"] == {"h": 1e308, "g": 1e307}  # float64 kept: no inf, no invented tie
     assert runs.rank_scores(back) == runs.rank_scores(run)
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="one non-empty word"):
@@ -105,7 +126,7 @@ def test_trec_cli(tmp_path, capsys):
     bad.write_text(run_path.read_text() + "q9 Q0 z 1 1.0 t\n")
     assert trec.main(["--qrels", str(qrels_path), "--run", str(bad)]) == 2
     n = len(bad.read_text().splitlines())
-    assert f"{bad}:{n}: unknown query 'q9'" in capsys.readouterr().err
+    assert f"{bad}:{n}: qid: unknown query 'q9'" in capsys.readouterr().err
     # ...unless asked to ignore it.
     assert trec.main(["--qrels", str(qrels_path), "--run", str(bad), "--allow_unjudged", "--measures", "nDCG@10"]) == 0
     assert json.loads(capsys.readouterr().out)["nDCG@10"] == pytest.approx(_hand()["nDCG@10"])
@@ -121,12 +142,12 @@ def test_trec_module_entry(data_dir):
 @pytest.mark.bm25
 def test_matches_java_trec_eval_dash_c(tmp_path):
     """The reference implementation (Anserini's trec_eval, as pyserini runs it) agrees, -c included."""
-    from eval import lucene
+    from retrieval import lucene
 
     qrels_path, run_path = _write_toy(tmp_path)
     out = lucene.trec_eval(["-c", "-q", "-m", "ndcg_cut.10", "-m", "recall.100", str(qrels_path), str(run_path)])
     java = {(line.split()[1], line.split()[0]): float(line.split()[2]) for line in out.splitlines() if line.strip()}
-    mean, per_query = metrics.evaluate_run(QRELS, {q: v for q, v in RUN.items() if q != "q9"}, ties="raw")
+    mean, per_query = metrics.evaluate_run(QRELS, {q: v for q, v in RUN.items() if q != "q9"})
     assert java[("all", "ndcg_cut_10")] == pytest.approx(mean["nDCG@10"], abs=1e-4)
     assert java[("all", "recall_100")] == pytest.approx(mean["R@100"], abs=1e-4)
     assert java[("q1", "ndcg_cut_10")] == pytest.approx(per_query["q1"]["nDCG@10"], abs=1e-4)

@@ -5,7 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from eval import readers, rerank as rerank_mod, runs
+from eval import rerank as rerank_mod
+from retrieval import readers, runs
+from twolar_jax.errors import FormatError
 from eval.run import console_main, evaluate
 
 
@@ -47,10 +49,12 @@ def test_rerank_dl19_with_oracle(dl19, data_dir, tmp_path):
     assert scorer.pairs == 4300 and scorer.calls == 5  # 10 queries x 100 pairs per call
     run = readers.read_run(tmp_path / "trec_dl_dl19" / "run.trec")
     for r in requests:
-        got = [d for d, _ in runs.ranked(run[r.qid])]
-        # Oracle order: label desc, then docid asc (our tie-break), over the 100 BM25 candidates.
-        want = sorted((c.docid for c in r.candidates), key=lambda d: (-qrels[r.qid].get(d, 0), d))
+        got = [d for d, _ in runs.sort_hits(run[r.qid].items())]
+        # Oracle order: label desc, then docid desc (trec_eval's tie rule), over the 100 BM25 candidates.
+        want = sorted(sorted((c.docid for c in r.candidates), reverse=True), key=lambda d: -qrels[r.qid].get(d, 0))
         assert got == want
+        assert [line.split()[2] for line in (tmp_path / "trec_dl_dl19" / "run.trec").read_text().splitlines()
+                if line.startswith(r.qid + " ")] == want  # the file is written in that order too
     # nDCG@10 of the oracle order, computed by hand (gain = label, ideal over all judged docs).
     def dcg(gains):
         return sum(g / math.log2(i + 2) for i, g in enumerate(gains[:10]))
@@ -127,14 +131,14 @@ def test_beir_with_run_file_first_stage(tmp_path):
                    first_stage_runs={"beir/aa": str(run_a)}, measures=["RR@10"])
     per_query = json.loads((tmp_path / "out2" / "beir_aa" / "metrics.json").read_text())["per_query"]
     assert per_query["1"]["RR@10"] == 1.0  # aa0 ("alpha beta ...") now beats aa5 ("zeta alpha ...")
-    assert per_query["2"]["RR@10"] == 0.5  # aa1 and aa2 tie on "gamma": docid ascending puts aa1 first
+    assert per_query["2"]["RR@10"] == 1.0  # aa1 and aa2 tie on "gamma": trec_eval's docid descending puts aa2 first
     bad = tmp_path / "bad.trec"
     bad.write_text("1 Q0 nope 1 1.0 t\n")
     with pytest.raises(ValueError, match="document 'nope' \\(query '1'\\) is not in the corpus"):
         evaluate(output_dir=str(tmp_path / "out3"), datasets=["beir/aa"], data_dir=str(data),
                  reranker=TitleMatch(), first_stage_runs={"beir/aa": str(bad)})
     bad.write_text("1 Q0 aa1 1 1.0 t\n3 Q0 aa1 1 1.0 t\n")
-    with pytest.raises(readers.FormatError, match=f"{bad}:2: unknown query '3'"):
+    with pytest.raises(FormatError, match=f"{bad}:2: qid: unknown query '3'"):
         evaluate(output_dir=str(tmp_path / "out3"), datasets=["beir/aa"], data_dir=str(data), mode="bm25",
                  first_stage_runs={"beir/aa": str(bad)})
 
@@ -152,7 +156,7 @@ def test_beir_bm25_first_stage_and_remove_query(tmp_path):
     assert "2" not in run["2"] and len(run["2"]) == 9
     assert len(list((tmp_path / "cache").iterdir())) == 1  # one cached index
     evaluate(output_dir=str(tmp_path / "o2"), remove_query=False, **kw)
-    assert runs.ranked(readers.read_run(tmp_path / "o2" / "beir_cc" / "run.trec")["2"])[0][0] == "2"
+    assert runs.sort_hits(readers.read_run(tmp_path / "o2" / "beir_cc" / "run.trec")["2"].items())[0][0] == "2"
     assert len(list((tmp_path / "cache").iterdir())) == 1  # reused
 
 
@@ -164,17 +168,19 @@ def test_gin_entry_bm25_mode(tmp_path, repo_root):
     import gin
 
     gin.clear_config()
-    with pytest.raises(ValueError, match="needs a checkpoint"):
+    with pytest.raises(ValueError, match="needs evaluate.checkpoint"):
         console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'"])
     gin.clear_config()
+    from twolar_jax import gin_utils
+
     for gin_file in ("trec_dl19", "trec_dl20", "beir_scifact", "beir"):
-        gin.parse_config_files_and_bindings([str(repo_root / "gin" / "eval" / f"{gin_file}.gin")], [])
-        assert gin.query_parameter("evaluate.top_k") == 100
+        gin_utils.parse_gin_flags([f"eval/{gin_file}.gin"])
+        assert gin.query_parameter("evaluate.top_k") == 100  # from the base file every job includes
         gin.clear_config()
 
 
 def test_unknown_mode_and_dataset(tmp_path):
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="evaluate.mode='dense': expected one of"):
         evaluate(output_dir=str(tmp_path), mode="dense")
     with pytest.raises(ValueError, match="unknown dataset 'msmarco'"):
         evaluate(output_dir=str(tmp_path), datasets=["msmarco"], mode="bm25")
@@ -234,6 +240,6 @@ def test_resume_only_for_same_checkpoint_and_settings(dl19, data_dir, tmp_path, 
     first = evaluate(**kw)
     assert made[-1].pairs == 300
     assert evaluate(**kw) == first and made[-1].pairs == 0  # everything came from scores.jsonl
-    evaluate(**kw, score="softmax")
+    evaluate(**kw, score_head="softmax")
     assert made[-1].pairs == 300  # another score head: the old log is not reused
     assert len(json.loads((tmp_path / "trec_dl_dl19" / "metrics.json").read_text())["per_query"]) == 3

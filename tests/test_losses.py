@@ -66,7 +66,7 @@ def test_rank_net_padding_modes():
     masked = rank_net(arr([s]), ranks, mask)
     assert float(masked) == pytest.approx(float(base), rel=1e-6)
     # TWOLAR: the padding passage is an item ranked last (effective order 0, 3, 1, 2 -> pad last).
-    bottom = rank_net(arr([s]), ranks, mask, padding="bottom")
+    bottom = rank_net(arr([s]), ranks, mask, padding="twolar")
     order = [0, 2, 3, 1]  # indices best first
     pairs = [(order[a], order[b]) for a in range(4) for b in range(a + 1, 4)]
     expected = sum(math.log(1 + math.exp(s[j] - s[i])) for i, j in pairs) / 6
@@ -74,7 +74,7 @@ def test_rank_net_padding_modes():
     assert abs(float(bottom) - float(base)) > 0.1
 
 
-def test_rank_net_two_padded_passages_keep_position_order_in_bottom_mode():
+def test_rank_net_two_padded_passages_keep_position_order_in_twolar_mode():
     s = [0.0, 1.0, -1.0, 2.0]
     ranks = arr([[1, 0, 0, 0]], jnp.int32)
     mask = arr([[1, 1, 0, 0]], bool)
@@ -82,7 +82,7 @@ def test_rank_net_two_padded_passages_keep_position_order_in_bottom_mode():
     eff = [1, 0, 2, 3]
     pairs = [(i, j) for i in range(4) for j in range(4) if eff[i] < eff[j]]
     expected = sum(softplus(s[j] - s[i]) for i, j in pairs) / len(pairs)
-    got = rank_net(arr([s]), ranks, mask, padding="bottom")
+    got = rank_net(arr([s]), ranks, mask, padding="twolar")
     assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
@@ -221,7 +221,7 @@ def test_list_net_padding_modes():
     p = softmax([1.0, 0.25, 0.5, 1.0 / 3.0])
     q = softmax(s)
     expected = -sum(pi * math.log(qi + 1e-10) for pi, qi in zip(p, q))
-    assert float(list_net(arr([s]), ranks, mask, padding="bottom")) == pytest.approx(expected, rel=1e-6)
+    assert float(list_net(arr([s]), ranks, mask, padding="twolar")) == pytest.approx(expected, rel=1e-6)
 
 
 def _lambda_ndcg2_by_hand(s, ranks, k=None):
@@ -295,7 +295,7 @@ def test_softmax_ce_by_hand_and_padding_modes():
     assert float(softmax_ce(arr([s]), ranks, mask)) == pytest.approx(expected, rel=1e-6)
     # ... and in it with TWOLAR's padding-as-bottom.
     expected_bottom = -math.log(softmax(s)[1])
-    assert float(softmax_ce(arr([s]), ranks, mask, padding="bottom")) == pytest.approx(expected_bottom, rel=1e-6)
+    assert float(softmax_ce(arr([s]), ranks, mask, padding="twolar")) == pytest.approx(expected_bottom, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- grads, jit, registry, errors
@@ -337,7 +337,7 @@ def test_jit_matches_eager(name, reduction):
 def test_registry():
     assert sorted(losses.LOSSES) == sorted(ALL)
     assert get_loss("rank_net") is rank_net
-    with pytest.raises(ValueError, match="unknown loss 'ranknet'.*rank_net"):
+    with pytest.raises(ValueError, match="loss='ranknet'.*rank_net"):
         get_loss("ranknet")
 
 
@@ -368,7 +368,7 @@ def test_option_errors():
         margin_mse(s, r, m, jnp.zeros((1, 2)))
     with pytest.raises(ValueError, match="margin_mse: teacher_scores is required"):
         margin_mse(s, r, m)
-    with pytest.raises(ValueError, match="padding must be 'mask' or 'bottom'"):
+    with pytest.raises(ValueError, match="padding must be 'mask' or 'twolar'"):
         rank_net(s, r, m, padding="zero")
     with pytest.raises(ValueError, match="reduction must be"):
         rank_net(s, r, m, reduction="sum")

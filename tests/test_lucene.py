@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import lucene
+from retrieval import lucene
 
 pytestmark = pytest.mark.bm25
 

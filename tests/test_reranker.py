@@ -59,8 +59,8 @@ def test_bad_inputs(params):
         rr.score_token_ids([[5, 1], [40000, 1]])
     with pytest.raises(ValueError, match="more than the longest length bucket 64"):
         rr.score_token_ids([[5] * 80 + [1]])
-    with pytest.raises(ValueError, match="unknown score head"):
-        Reranker.from_params(CONFIG, params, score="sigmoid")
+    with pytest.raises(ValueError, match="score_head='sigmoid': expected one of"):
+        Reranker.from_params(CONFIG, params, score_head="sigmoid")
 
 
 def test_fixed_shapes_compile_once_per_bucket(params):
@@ -97,7 +97,7 @@ def test_bfloat16_close_to_float32(params):
 def test_reranker_parity_with_torch_heads(hf_dir, head):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    rr = Reranker.from_pretrained(hf_dir, score=head, batch_size=4, max_length=512)
+    rr = Reranker.from_pretrained(hf_dir, score_head=head, batch_size=4, max_length=512)
     query = "who won the turing award"
     ours = rr.score_pairs([query] * len(DOCS), DOCS)
     tok = transformers.T5Tokenizer.from_pretrained(str(hf_dir))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.train_helpers import SyntheticSource, tiny_config
+from tests.train_helpers import SyntheticSource, run_options, tiny_config
 from twolar_jax import checkpointing, summaries
 from twolar_jax.train import train
 
@@ -15,15 +15,8 @@ COMMON = dict(
     total_steps=TOTAL,
     mesh_shape=(-1, 1, 1),
     num_devices=2,
-    learning_rate=1e-3,
-    lr_schedule="linear",
-    warmup_steps=2,
     num_microbatches=2,
-    save_period=CRASH_AFTER,
-    log_period=2,
-    progress=False,
-    tensorboard=False,
-    write_gin_config=False,
+    **run_options(learning_rate=1e-3, schedule="linear", warmup_steps=2, save_period=CRASH_AFTER, log_period=2),
 )
 
 

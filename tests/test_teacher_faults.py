@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.build import build
-from data_pipeline.formats import read_distill_jsonl
-from data_pipeline.llm_client import ChatClient
-from data_pipeline.queries import OriginalQueries
-from data_pipeline.retrievers import RunFileRetriever
-from data_pipeline.teacher import ListwiseLLMTeacher, parse_permutation, window_spans
+from data_pipeline.set_builder.build import build
+from data_pipeline.distill_format import read_distill_jsonl
+from data_pipeline.set_builder.llm_client import ChatClient
+from data_pipeline.set_builder.queries import OriginalQueries
+from retrieval.run_file import RunFileRetriever
+from data_pipeline.set_builder.teacher import ListwiseLLMTeacher, parse_permutation, window_spans
 from fake_chat_server import FakeChatServer, render, right_order
 
 KEY = "sk-test-SECRET-0123456789abcdef"

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.offline_teacher import (OfflineTeacher, SentenceTransformerScorer, bundled_minilm_path,
+from data_pipeline.set_builder.offline_teacher import (OfflineTeacher, SentenceTransformerScorer, bundled_minilm_path,
                                            order_by_scores)
-from data_pipeline.teacher import TeacherRequest
+from data_pipeline.set_builder.teacher import TeacherRequest
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The teacher's pure parts: RankGPT prompt, permutation parsing and repair, sliding windows."""
 import pytest
 
-from data_pipeline.teacher import (POST_PROMPT, PROMPT_VERSION, Repairs, build_messages, parse_permutation,
+from data_pipeline.set_builder.teacher import (POST_PROMPT, PROMPT_VERSION, Repairs, build_messages, parse_permutation,
                                    window_spans)
 
 
@@ -49,8 +49,8 @@ def test_teacher_window_spans_bottom_to_top():
 
 
 def test_teacher_single_passage_needs_no_call(tmp_path):
-    from data_pipeline.llm_client import ChatClient
-    from data_pipeline.teacher import ListwiseLLMTeacher, TeacherRequest
+    from data_pipeline.set_builder.llm_client import ChatClient
+    from data_pipeline.set_builder.teacher import ListwiseLLMTeacher, TeacherRequest
 
     # Port 9 (discard) on loopback: any call would fail, so a result proves no call was made.
     client = ChatClient(model="m", base_url="http://127.0.0.1:9/v1", max_retries=0, timeout_s=1.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 from fake_chat_server import FakeChatServer
 from test_teacher_faults import KEY, N_DOCS, write_inputs
 
-from data_pipeline.formats import read_distill_jsonl
+from data_pipeline.distill_format import read_distill_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 N_QUERIES = 60
@@ -51,7 +51,7 @@ def _start(gin_file: Path, out: Path, log: Path) -> subprocess.Popen:
     env.pop("OPENAI_BASE_URL", None)
     env.pop("OPENAI_API_KEY", None)  # the key comes from the gin binding, which config.gin must not repeat
     return subprocess.Popen(
-        [sys.executable, "-m", "data_pipeline.build", f"--gin_file={gin_file}", f"--gin.OUTPUT_DIR='{out}'"],
+        [sys.executable, "-m", "data_pipeline.set_builder", f"--gin_file={gin_file}", f"--gin.OUTPUT_DIR='{out}'"],
         cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from twolar_jax.scoring import ScoreTokens, head_vocab_ids, resolve_score_tokens, score_from_logits
-from twolar_jax.tokenizer import DEFAULT_SPIECE, T5Tokenizer, encode_query_document
+from twolar_jax.resources import SPIECE_MODEL as DEFAULT_SPIECE
+from twolar_jax.tokenizer import T5Tokenizer, encode_query_document
 
 
 @pytest.fixture(scope="module")
@@ -72,5 +73,5 @@ def test_score_heads_on_known_logits():
     np.testing.assert_allclose(extra, [-4.0, 9.0])
     assert diff.dtype == jnp.float32 and soft.dtype == jnp.float32
     assert head_vocab_ids("extra_id", tokens) == (7,)
-    with pytest.raises(ValueError, match="unknown score head 'max'"):
+    with pytest.raises(ValueError, match="score_head='max': expected one of"):
         score_from_logits(jnp.asarray(logits), "max", tokens)

@@ -21,14 +21,14 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_train_cli_end_to_end(tmp_path):
-    from data_pipeline.formats import write_distill_jsonl
+    from data_pipeline.distill_format import write_distill_jsonl
     from tests.test_train_learns_scifact import build_standin_set
 
     jsonl = tmp_path / "distill.jsonl"
     write_distill_jsonl(jsonl, build_standin_set(num_queries=40))
     model_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
     common = ["--gin_file=experiments/tiny_smoke.gin", f"--gin.MODEL_DIR='{model_dir}'",
-              f"--gin.DISTILL_JSONL='{jsonl}'", "--gin.train.save_period=2"]
+              f"--gin.DISTILL_JSONL='{jsonl}'", "--gin.CheckpointConfig.period=2"]
     proc = _run_cli(*common, "--gin.TRAIN_STEPS=3", f"--export_hf={hf_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -65,6 +65,34 @@ def test_train_cli_end_to_end(tmp_path):
     _, p2 = load_hf_checkpoint(tmp_path / "hf2")
     _, c2 = checkpointing.load_inference_params(model_dir, step=3)
     np.testing.assert_array_equal(p2["token_embedder"]["embedding"], np.asarray(c2["token_embedder"]["embedding"]))
+
+
+@pytest.mark.slow
+def test_train_cli_validation_first_and_resume_of_a_finished_run(tmp_path):
+    """The tasks are registered by whichever source runs first: validation at start, before any training
+    batch, and the final validation of a run that resumes already finished (each a fresh process)."""
+    from data_pipeline.distill_format import write_distill_jsonl
+    from tests.test_train_learns_scifact import build_standin_set
+
+    records = build_standin_set(num_queries=48)
+    train_jsonl, val_jsonl = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    write_distill_jsonl(train_jsonl, records[8:])
+    write_distill_jsonl(val_jsonl, records[:8])
+    model_dir = tmp_path / "run"
+    args = ["--gin_file=experiments/tiny_smoke.gin", f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.DISTILL_JSONL='{train_jsonl}'", f"--gin.VALIDATION_JSONL='{val_jsonl}'",
+            "--gin.train.validation=@ValidationConfig()", "--gin.ValidationConfig.at_start=True",
+            "--gin.TRAIN_STEPS=2", "--gin.CheckpointConfig.period=2"]
+    first = _run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (model_dir / "metrics" / "validation.jsonl").read_text().splitlines()]
+    assert steps == [0, 2]  # validated before the first training batch, and at the end
+    again = _run_cli(*args)  # resumes at step 2 == TRAIN_STEPS: no training batch at all
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 2" in again.stderr
+    assert "'num_queries': 8.0" in again.stdout  # the final validation ran in the new process
+    steps = [json.loads(line)["step"] for line in (model_dir / "metrics" / "validation.jsonl").read_text().splitlines()]
+    assert steps == [0, 2]  # and wrote no duplicate record
 
 
 def test_train_cli_requires_a_gin_file():

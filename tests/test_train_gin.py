@@ -1,17 +1,16 @@
 """Every gin file of the training side parses (unknown names are errors), and binds what it says."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import gin
 import pytest
 
-from twolar_jax import gin_utils, partitioning
+from twolar_jax import gin_utils, partitioning, resources
 from twolar_jax.model.config import T5Config
 from twolar_jax.train import register_configurables
 
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
-FILES = sorted(str(p.relative_to(GIN_DIR)) for sub in ("runs", "mesh", "experiments") for p in (GIN_DIR / sub).glob("*.gin"))
+GIN_DIR = resources.gin_dir()
+FILES = sorted(str(p.relative_to(GIN_DIR)) for sub in ("runs", "mesh", "experiments", "eval")
+               for p in (GIN_DIR / sub).glob("*.gin"))
 
 
 @pytest.fixture(autouse=True)
@@ -39,13 +38,28 @@ def _is_demo(name: str) -> bool:
     return name.startswith("experiments/demo")
 
 
+BUILD_REQUIRED = ["OUTPUT_DIR = '/tmp/out'", "MSMARCO_COLLECTION = 'c.tsv'", "DOC2QUERY_CKPT = 'd'",
+                  "SPLADE_CKPT = 's'", "DRAGON_QUERY_ENCODER = 'q'", "DRAGON_CONTEXT_ENCODER = 'c'", "MONOT5_CKPT = 'm'"]
+
+
 @pytest.mark.parametrize("name", FILES)
 def test_train_gin_file_parses(name):
+    """Every shipped gin file parses with unknown names as errors (build and eval files through their entries)."""
     if _is_demo(name):
         from twolar_jax import demo
 
         demo.register_configurables()
         _parse(name, bindings=REQUIRED + ["OUTPUT_DIR = '/tmp/out'"])
+    elif name.startswith("runs/build_"):
+        from data_pipeline.set_builder.configurables import register_build
+
+        register_build()
+        _parse(name, bindings=[b for b in BUILD_REQUIRED if b.split(" =")[0] in (GIN_DIR / name).read_text()])
+    elif name.startswith("eval/"):
+        from eval.run import register_configurables as register_eval
+
+        register_eval()
+        _parse(name)
     elif name.startswith("mesh/"):
         _parse(name)
     elif name.startswith("runs/"):  # a run file needs a model file, as experiments provide
@@ -70,6 +84,14 @@ def test_train_gin_experiment_binds_a_model_and_mesh(name):
     assert rules == partitioning.load_logical_axis_rules()
 
 
+def test_train_gin_eval_files_include_the_base():
+    """One base eval file: every per-dataset file includes it and sets only what differs."""
+    for path in (GIN_DIR / "eval").glob("*.gin"):
+        if path.name != "base.gin":
+            assert "include 'eval/base.gin'" in path.read_text(), path
+            assert "evaluate.score_head" not in path.read_text(), path
+
+
 def test_train_gin_xl_experiment_values():
     _parse("experiments/twolar_flan_t5_xl_rank_net.gin", bindings=["MODEL_DIR = '/tmp/x'", "DISTILL_JSONL = 'x'"])
     config = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
@@ -81,8 +103,9 @@ def test_train_gin_xl_experiment_values():
 def test_train_gin_twolar_recipe_defaults():
     _parse("experiments/twolar_flan_t5_large_rank_net.gin", bindings=["MODEL_DIR = '/tmp/x'", "DISTILL_JSONL = 'x'"])
     assert gin.query_parameter("%LEARNING_RATE") == 5e-5
-    assert gin.query_parameter("train.weight_decay") == 0.01
-    assert gin.query_parameter("train.clip_norm") == 1.0
+    assert gin.query_parameter("OptimizerConfig.weight_decay") == 0.01
+    assert gin.query_parameter("OptimizerConfig.clip_norm") == 1.0
+    assert gin.query_parameter("OptimizerConfig.name") == "adamw"
     assert gin.query_parameter("%LOSS") == "rank_net"
     assert gin.query_parameter("%BATCH_SIZE") == 32 and gin.query_parameter("%NUM_MICROBATCHES") == 32
     assert gin.query_parameter("%GROUP_SIZE") == 30

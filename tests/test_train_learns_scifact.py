@@ -37,7 +37,7 @@ def build_standin_set(corpus_path=CORPUS, *, num_queries: int = 400, group_size:
     """DistillRecords of cropped-sentence queries with a lexical stand-in teacher (see module docstring)."""
     import random
 
-    from data_pipeline.formats import Candidate, DistillRecord
+    from data_pipeline.distill_format import Candidate, DistillRecord
 
     docs = []
     with open(corpus_path, encoding="utf-8") as f:
@@ -93,7 +93,7 @@ class RecordSource:
         self._cache = None
 
     def __call__(self, *, shard_index, num_shards, skip_batches):
-        from data_pipeline.dataset import batches_from_records
+        from data_pipeline.seqio_input.batches import batches_from_records
 
         records = self.records[shard_index::num_shards]
         if not self.kw["repeat"]:  # evaluation: tokenize once
@@ -104,9 +104,11 @@ class RecordSource:
 
 
 def run(model_dir, *, steps=300, eval_period=100, num_queries=2600, held_out=96, seed=0, progress=False):
+    from tests.train_helpers import run_options
     from twolar_jax import summaries
     from twolar_jax.model.config import preset
     from twolar_jax.train import train
+    from twolar_jax.train_loop import ValidationConfig
 
     records = build_standin_set(num_queries=num_queries, seed=seed)
     train_records, eval_records = records[held_out:], records[:held_out]
@@ -115,10 +117,10 @@ def run(model_dir, *, steps=300, eval_period=100, num_queries=2600, held_out=96,
         model_dir=str(model_dir),
         model=preset("tiny", dropout_rate=0.0),
         train_batches=RecordSource(train_records, batch_size=8, shuffle=True, repeat=True, seed=seed, **shape),
-        eval_batches=RecordSource(eval_records, batch_size=8, shuffle=False, repeat=False, **shape),
-        eval_period=eval_period, eval_at_start=True,
-        total_steps=steps, num_devices=1, learning_rate=1e-3, lr_schedule="linear", warmup_steps=20,
-        save_period=steps, log_period=25, progress=progress, tensorboard=False, write_gin_config=False, seed=seed,
+        validation=ValidationConfig(RecordSource(eval_records, batch_size=8, shuffle=False, repeat=False, **shape),
+                                    period=eval_period, at_start=True),
+        total_steps=steps, num_devices=1, seed=seed,
+        **run_options(learning_rate=1e-3, schedule="linear", warmup_steps=20, save_period=steps, log_period=25),
     )
     return result, summaries.metrics_by_step(model_dir, "train"), summaries.metrics_by_step(model_dir, "validation")
 

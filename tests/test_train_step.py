@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.train_helpers import SyntheticSource, synthetic_batch, tiny_config
+from tests.train_helpers import QUIET, SyntheticSource, synthetic_batch, tiny_config
 from twolar_jax import losses, optimizers, trainer
 from twolar_jax.model import network
 from twolar_jax.model.network import T5
@@ -97,7 +97,7 @@ def test_optimizer_schedules():
     np.testing.assert_allclose(float(r(4 + 12)), np.sqrt(4 / 16), rtol=1e-6)
     with pytest.raises(ValueError, match="needs total_steps"):
         optimizers.make_schedule(learning_rate=1.0, schedule="linear", warmup_steps=10, total_steps=5)
-    with pytest.raises(ValueError, match="unknown optimizer 'sgdd'"):
+    with pytest.raises(ValueError, match="optimizer='sgdd': expected one of"):
         optimizers.make_optimizer(name="sgdd")
 
 
@@ -141,8 +141,6 @@ def test_train_step_bfloat16_compute_keeps_fp32_params(params):
          r"feature 'encoder_input_tokens' has dtype float32, expected int"),
         (lambda b: b.update(passage_mask=b["passage_mask"].astype(np.float32)),
          r"feature 'passage_mask' has dtype float32, expected int or bool"),
-        (lambda b: b.update(decoder_input_tokens=np.zeros((8, 5, 1), np.int32)),
-         r"feature 'decoder_input_tokens' has shape \(8, 5, 1\), expected \(8, 4, 1\)"),
     ],
 )
 def test_train_bad_batch_gets_clear_error(mutate, message):
@@ -162,7 +160,7 @@ def test_train_batch_shape_expectations():
 def test_train_rejects_batch_that_does_not_split(tmp_path):
     with pytest.raises(trainer.BatchError, match=r"global batch of 8 queries must split into num_microbatches=3"):
         train(model_dir=str(tmp_path), train_batches=SyntheticSource(), total_steps=1, num_devices=1,
-              num_microbatches=3, progress=False, tensorboard=False, write_gin_config=False, model=CONFIG)
+              num_microbatches=3, logging_config=QUIET, model=CONFIG)
 
 
 def test_train_rejects_shape_change_midway(tmp_path):
@@ -173,11 +171,11 @@ def test_train_rejects_shape_change_midway(tmp_path):
 
     with pytest.raises(trainer.BatchError, match=r"train batch 1: shapes .* differ from the first batch"):
         train(model_dir=str(tmp_path), train_batches=Changing(), total_steps=3, num_devices=1,
-              progress=False, tensorboard=False, write_gin_config=False, model=CONFIG)
+              logging_config=QUIET, model=CONFIG)
 
 
 def test_train_loss_option_reduction_is_reserved():
     with pytest.raises(ValueError, match="'reduction' is set by the trainer"):
         trainer.make_step_spec(loss_options={"reduction": "pooled"})
-    with pytest.raises(ValueError, match="unknown loss 'rank_nett'"):
+    with pytest.raises(ValueError, match="loss='rank_nett'"):
         trainer.make_step_spec(loss="rank_nett")

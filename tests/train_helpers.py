@@ -1,11 +1,26 @@
-"""Shared fixtures for the trainer tests: a tiny model and deterministic synthetic batches."""
+"""Shared fixtures for the trainer tests: a tiny model, deterministic synthetic batches, quiet run options."""
 from __future__ import annotations
 
 from typing import Iterator
 
 import numpy as np
 
+from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.model.config import preset
+from twolar_jax.optimizers import OptimizerConfig
+from twolar_jax.train_loop import LoggingConfig
+
+QUIET = LoggingConfig(progress=False, tensorboard=False, write_gin_config=False)
+
+
+def run_options(*, learning_rate: float = 5e-5, schedule: str = "constant", warmup_steps: int = 0,
+                save_period: int = 1000, log_period: int = 10, **optimizer) -> dict:
+    """train() keyword arguments for the option objects, with a quiet logger."""
+    return dict(optimizer=OptimizerConfig(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
+                                          **optimizer),
+                checkpoints=CheckpointConfig(period=save_period),
+                logging_config=LoggingConfig(period=log_period, progress=False, tensorboard=False,
+                                             write_gin_config=False))
 
 B, N, L = 8, 4, 32
 
@@ -26,7 +41,6 @@ def synthetic_batch(index: int, *, batch_size: int = B, group_size: int = N, max
     tokens[0, group_size - 1] = 0
     return {
         "encoder_input_tokens": tokens,
-        "decoder_input_tokens": np.zeros((batch_size, group_size, 1), np.int32),
         "teacher_ranks": np.tile(np.arange(group_size, dtype=np.int32), (batch_size, 1)),
         "passage_mask": mask,
         "teacher_scores": rng.normal(size=(batch_size, group_size)).astype(np.float32),

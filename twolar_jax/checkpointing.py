@@ -11,16 +11,19 @@ habit), so a checkpoint written on a 4x2 mesh restores on one CPU or on a 2x4 me
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from twolar_jax.durable_io import write_json_atomic
+from twolar_jax.errors import CheckpointError, MissingFileError, OptionError
 from twolar_jax.model.config import T5Config
 from twolar_jax.train_state import TrainState
 
@@ -31,27 +34,41 @@ ITEMS = ("params", "opt_state", "meta")
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """How a run checkpoints (`train.checkpoints = @CheckpointConfig()`): every `period` steps, keep the
+    last `keep`, write in the background (`async_save`), and resume from MODEL_DIR's latest (`resume`)."""
+
+    period: int = 1000
+    keep: Optional[int] = 3
+    async_save: bool = True
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.period < 1:
+            raise OptionError(f"CheckpointConfig.period={self.period}: must be >= 1")
+        if self.keep is not None and self.keep < 1:
+            raise OptionError(f"CheckpointConfig.keep={self.keep}: must be >= 1 or None (keep all)")
+
+
 # --------------------------------------------------------------------------------- model config
 def write_model_config(model_dir: str | os.PathLike, config: T5Config) -> Path:
-    """model_config.json, atomically (tmp + os.replace)."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    target = model_dir / MODEL_CONFIG
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)
-    return target
+    """model_config.json, atomically."""
+    return write_json_atomic(Path(model_dir) / MODEL_CONFIG, config.to_dict(), indent=2)
 
 
 def read_model_config(model_dir: str | os.PathLike) -> T5Config:
     path = Path(model_dir) / MODEL_CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; is {model_dir} a training MODEL_DIR?")
+        raise MissingFileError(f"{path}: not found; is {model_dir} a training MODEL_DIR?")
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    return T5Config.from_dict(values)
+        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    try:
+        return T5Config.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------- manager
@@ -72,7 +89,7 @@ def make_manager(
     )
     directory = Path(model_dir).absolute() / CHECKPOINT_SUBDIR
     if read_only and not directory.exists():
-        raise FileNotFoundError(f"{directory}: no checkpoints directory")
+        raise MissingFileError(f"{directory}: no checkpoints directory")
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
@@ -146,9 +163,9 @@ def load_inference_params(model_dir: str | os.PathLike, step: int | None = None)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{model_dir}: no checkpoint saved yet")
+            raise MissingFileError(f"{model_dir}: no checkpoint saved yet")
         if step not in manager.all_steps():
-            raise FileNotFoundError(f"{model_dir}: no checkpoint for step {step}; have {list(manager.all_steps())}")
+            raise MissingFileError(f"{model_dir}: no checkpoint for step {step}; have {list(manager.all_steps())}")
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shapes = jax.eval_shape(lambda: network.init_params(config, jax.random.PRNGKey(0)))
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)

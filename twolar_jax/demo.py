@@ -3,7 +3,8 @@
     python -m twolar_jax.demo [--quick] [--output_dir runs/demo] [--stages build,train,eval,report]
                               [--force] [--gin_file=...] [--gin.NAME=VALUE ...]
 
-Stages (gin/experiments/demo.gin; --quick adds demo_quick.gin): build a small distillation set (cropped
+The application layer: it wires data_pipeline, the trainer and eval together (nothing imports it).
+Stages (gin/experiments/demo.gin; --quick uses demo_quick.gin): build a small distillation set (cropped
 sentences + SciFact train claims, BM25 + a dense MiniLM retriever, the offline MiniLM teacher), train the
 tiny student with the sharded trainer, evaluate BM25 / teacher / student before / student after on
 held-out SciFact test queries, and report a table, metrics JSON and a loss-curve PNG. Each finished stage
@@ -22,6 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from twolar_jax import gin_utils
+from twolar_jax.logging_setup import setup_logging
+from twolar_jax.durable_io import atomic_writer, write_json_atomic, write_text_atomic
 
 STAGES = ("build", "train", "eval", "report")
 SYSTEMS = ("bm25", "teacher", "student_before", "student_after")
@@ -52,13 +57,6 @@ class DemoPaths:
         return self.root / "stages" / f"{stage}.json"
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 class ScorerAsPairScorer:
     """Adapts a per-query scorer (`score(query, passages)`) to eval's `score_pairs(queries, docs)`."""
 
@@ -77,31 +75,14 @@ class ScorerAsPairScorer:
         return out
 
 
-def gin_value(name: str) -> Any:
-    """The value of a gin parameter or %MACRO, following macro references."""
-    import gin
-
-    value = gin.query_parameter(name if "." in name else f"%{name}")
-    while hasattr(value, "scoped_configurable_fn") or type(value).__name__ == "ConfigurableReference":
-        value = value.scoped_configurable_fn()
-    return value
-
-
 def register_configurables() -> dict[str, Callable]:
     """Everything the demo's gin file names: build, train, evaluate and their parts."""
-    import gin
-
-    from data_pipeline import build as build_module
-    from data_pipeline import offline_teacher
+    from data_pipeline.set_builder.configurables import register_build
     from eval import run as eval_run
     from twolar_jax import train as train_module
 
-    configured = {"build": build_module._register_gin(), "evaluate": eval_run.register_configurables()}
+    configured = {"build": register_build(), "evaluate": eval_run.register_configurables()}
     configured.update(train_module.register_configurables())
-    try:
-        gin.external_configurable(offline_teacher.bundled_minilm_path, module="offline_teacher")
-    except ValueError:  # already registered in this process
-        pass
     return configured
 
 
@@ -121,19 +102,13 @@ def stage_train(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     return {"step": result.step, "train_metrics": result.train_metrics}
 
 
-def student_initial_params(config: Any, seed: int) -> Any:
-    """The student exactly as the trainer initialises it (same rng path as twolar_jax.train.train)."""
-    from twolar_jax.train import initial_params
-
-    return initial_params(config, seed)
-
-
 def stage_eval(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     import gin
 
-    from data_pipeline.offline_teacher import SentenceTransformerScorer
+    from data_pipeline.set_builder.offline_teacher import SentenceTransformerScorer
     from twolar_jax import checkpointing
     from twolar_jax.reranker import Reranker
+    from twolar_jax.train_setup import initial_params
 
     evaluate = configured["evaluate"]
     results = {}
@@ -141,9 +116,11 @@ def stage_eval(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     results["teacher"] = evaluate(output_dir=str(paths.eval / "teacher"),
                                   reranker=ScorerAsPairScorer(gin.get_configurable(SentenceTransformerScorer)()))
     config = checkpointing.read_model_config(paths.student)
-    before = Reranker.from_params(config, student_initial_params(config, int(gin_value("SEED"))),
-                                  score=gin_value("evaluate.score"), max_length=int(gin_value("evaluate.max_length")),
-                                  batch_size=int(gin_value("evaluate.batch_size")))
+    # The student exactly as the trainer initialised it (same seed and rng path).
+    before = Reranker.from_params(config, initial_params(config, int(gin_utils.query("SEED"))),
+                                  score_head=gin_utils.query("evaluate.score_head"),
+                                  max_length=int(gin_utils.query("evaluate.max_length")),
+                                  batch_size=int(gin_utils.query("evaluate.batch_size")))
     results["student_before"] = evaluate(output_dir=str(paths.eval / "student_before"), reranker=before)
     results["student_after"] = evaluate(output_dir=str(paths.eval / "student_after"), checkpoint=str(paths.student))
     return {name: next(iter(r.values())) for name, r in results.items()}
@@ -172,11 +149,9 @@ def plot_loss_curve(records: list[dict], path: Path) -> Path:
     ax.set_title("TWOLAR demo: tiny student distilled from the offline teacher")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_writer(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -198,15 +173,15 @@ def stage_report(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
         raise RuntimeError(f"the report needs the eval stage: {marker} is missing")
     metrics = json.loads(marker.read_text())["summary"]
     first = json.loads((paths.eval / "bm25" / "beir_scifact" / "metrics.json").read_text())
-    table = results_markdown(metrics, int(first["num_queries"]), int(gin_value("EVAL_TOP_K")))
-    (paths.root / "results.md").write_text(table)
+    table = results_markdown(metrics, int(first["num_queries"]), int(gin_utils.query("EVAL_TOP_K")))
+    write_text_atomic(paths.root / "results.md", table)
     records = read_metrics(paths.student, "train")
     curve = plot_loss_curve(records, paths.root / "loss_curve.png")
     losses = [r["loss"] for r in records if "loss" in r]
     summary = {"table": metrics, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "loss_curve": str(curve), "run_files": {s: str(paths.eval / s / "beir_scifact" / "run.trec")
                                                        for s in SYSTEMS}}
-    _write_json_atomic(paths.root / "results.json", summary)
+    write_json_atomic(paths.root / "results.json", summary)
     print("\n" + table)
     print(f"loss: {summary['loss_first']:.4f} (first logged step) -> {summary['loss_last']:.4f} (last); "
           f"curve: {curve}")
@@ -230,10 +205,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def run_demo(argv: Sequence[str]) -> dict:
-    from twolar_jax import gin_utils
-
     args, rest = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -246,7 +219,6 @@ def run_demo(argv: Sequence[str]) -> dict:
     stage_bindings = [f"OUTPUT_DIR = '{paths.build}'", f"MODEL_DIR = '{paths.student}'",
                       f"DISTILL_JSONL = '{paths.build / 'train.jsonl'}'"]
     configured = register_configurables()
-    os.chdir(gin_utils.REPO_ROOT)  # the gin files name shipped data relative to the repository root
     gin_utils.parse_gin_flags(base + files, stage_bindings + bindings, search_paths)
     summaries = {}
     for stage in STAGES:
@@ -261,8 +233,8 @@ def run_demo(argv: Sequence[str]) -> dict:
         start = time.time()
         summary = STAGE_FUNCTIONS[stage](paths, configured)
         seconds = time.time() - start
-        _write_json_atomic(marker, {"stage": stage, "seconds": round(seconds, 1), "quick": args.quick,
-                                    "summary": summary})
+        write_json_atomic(marker, {"stage": stage, "seconds": round(seconds, 1), "quick": args.quick,
+                                   "summary": summary})
         print(f"[demo] {stage}: done in {seconds:.0f}s")
         summaries[stage] = summary
     return summaries
@@ -272,7 +244,7 @@ def console_main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from eval.lucene import ensure_java
+    from retrieval.lucene import ensure_java
 
     ensure_java()  # before anything imports pyserini/jnius
     run_demo(sys.argv[1:] if argv is None else argv)

@@ -1,28 +1,52 @@
-"""t5x-style gin flag handling shared by every entry point.
+"""t5x-style gin handling shared by every entry point: flags, file lookup, registration, the operative config.
 
-`--gin_file` (repeatable) names gin files, looked up in the repo's `gin/` folder, the current directory
-and any `--gin_search_paths`; `--gin.NAME=VALUE` is rewritten into a binding `NAME = VALUE`, as
-t5x's `gin_utils.rewrite_gin_args` does. Entry functions stay plain keyword-only Python; only the
-`__main__` of each entry point wraps them with `gin.configurable`.
+`--gin_file` (repeatable) names gin files, looked up in `--gin_search_paths`, the working directory and
+the shipped gin folder (`twolar_jax.resources.gin_dir()`); `--gin.NAME=VALUE` is rewritten into a
+binding `NAME = VALUE` (t5x's `rewrite_gin_args`). Entry functions stay plain keyword-only Python; each
+entry point registers what its gin files name through `register`, the one registration helper.
+
+File lookup happens in one place, `parse_gin_flags`: gin resolves a relative `include` against the
+working directory first and then asks its package-resource reader, which crashes (gin-config 0.5.0)
+when the include's folder name matches a namespace package on sys.path, e.g. a `data/` or `runs/`
+folder in the working directory. So gin files are parsed with the working directory set to the gin
+folder: gin's own first lookup finds every shipped include, and the resource reader is never asked.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import gin
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GIN_DIR = REPO_ROOT / "gin"
+from twolar_jax import resources
+from twolar_jax.durable_io import write_text_atomic
+from twolar_jax.errors import MissingFileError, OptionError
+from twolar_jax.secrets import redact_gin_config
+
+GIN_FLAGS = ("--gin_file", "--gin_bindings", "--gin_search_paths")
+_REGISTERED: dict[tuple[Optional[str], str], tuple[Any, Any]] = {}
+_ADDED_SEARCH_PATHS: set[str] = set()
 
 
-def default_search_paths() -> list[str]:
-    """The repo's gin/ folder first, then the working directory."""
-    return [str(GIN_DIR), os.getcwd()]
+# ------------------------------------------------------------------------------------- registration
+def register(obj: Any, *, name: Optional[str] = None, module: Optional[str] = None) -> Any:
+    """`gin.external_configurable(obj, name, module)`, once per (module, name): later calls return the same
+    configurable; registering a different object under a taken name is an error."""
+    key = (module, name or obj.__name__)
+    if key in _REGISTERED:
+        original, configurable = _REGISTERED[key]
+        if original is not obj:
+            raise ValueError(f"gin name {'.'.join(filter(None, key))!r} is already registered for {original!r}")
+        return configurable
+    configurable = gin.external_configurable(obj, name=key[1], module=module)
+    _REGISTERED[key] = (obj, configurable)
+    return configurable
 
 
+# ------------------------------------------------------------------------------------------- flags
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
     """Turn `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE`; other args pass through."""
     out = []
@@ -36,101 +60,86 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 
 
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Split argv into (gin_files, gin_bindings, search_paths, remaining args). Accepts `--flag=v` and `--flag v`."""
-    files, bindings, paths, rest = [], [], [], []
-    args = list(rewrite_gin_args(argv))
+    """Split argv into (gin_files, gin_bindings, search_paths, remaining args); `--flag=v` and `--flag v`."""
+    sinks: dict[str, list[str]] = {flag: [] for flag in GIN_FLAGS}
+    rest: list[str] = []
+    args = rewrite_gin_args(argv)
     i = 0
     while i < len(args):
-        arg = args[i]
-        matched = False
-        for flag, sink in (("--gin_file", files), ("--gin_bindings", bindings), ("--gin_search_paths", paths)):
-            if arg == flag:
+        arg, flag, value = args[i], None, None
+        for candidate in GIN_FLAGS:
+            if arg == candidate:
                 if i + 1 >= len(args):
-                    raise SystemExit(f"{flag} needs a value")
-                sink.append(args[i + 1])
-                i += 2
-                matched = True
-                break
-            if arg.startswith(flag + "="):
-                value = arg[len(flag) + 1:]
-                sink.extend(value.split(",") if flag == "--gin_search_paths" else [value])
-                i += 1
-                matched = True
-                break
-        if not matched:
+                    raise OptionError(f"{candidate} needs a value")
+                flag, value, i = candidate, args[i + 1], i + 1
+            elif arg.startswith(candidate + "="):
+                flag, value = candidate, arg[len(candidate) + 1:]
+        if flag is None:
             rest.append(arg)
-            i += 1
-    return files, bindings, paths, rest
+        elif flag == "--gin_search_paths":
+            sinks[flag].extend(p for p in value.split(",") if p)
+        else:
+            sinks[flag].append(value)
+        i += 1
+    return sinks["--gin_file"], sinks["--gin_bindings"], sinks["--gin_search_paths"], rest
 
 
-def _guard_package_resource_reader() -> None:
-    """gin's package-resource reader crashes (TypeError) on namespace packages such as a `data/` or `runs/`
-    folder in the working directory, and logs an ERROR for every include it does not find; replace its
-    existence check with a quiet one that treats both as "not found", so the search goes on to gin/."""
-    import importlib.util
-
-    from gin import config as gin_config
-
-    def quiet_exists(path: str) -> bool:
-        head, filename = os.path.split(path)
-        try:
-            spec = importlib.util.find_spec(head.replace("/", "."))
-        except (ImportError, ValueError):
-            return False
-        if spec is None or not spec.origin:
-            return False
-        return os.path.isfile(os.path.join(os.path.dirname(spec.origin), filename))
-
-    for i, (reader, exists) in enumerate(gin_config._FILE_READERS):
-        if getattr(exists, "__name__", "") == "system_path_file_exists":
-            gin_config._FILE_READERS[i] = (reader, quiet_exists)
+# ---------------------------------------------------------------------------------------- parsing
+def search_paths(extra: Sequence[str] = ()) -> list[str]:
+    """Where gin files are looked up, in order: the given paths, the working directory, the shipped gin/."""
+    return [os.path.abspath(p) for p in extra] + [os.getcwd(), str(resources.gin_dir())]
 
 
-def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
-    """An absolute path for a gin file named relative to the repo's gin/, the cwd or a search path."""
+def resolve_gin_file(name: str, extra_search_paths: Sequence[str] = ()) -> str:
+    """An absolute path for a gin file named absolutely or relative to a search path."""
     if os.path.isabs(name):
+        if not os.path.isfile(name):
+            raise MissingFileError(f"gin file {name!r} not found")
         return name
-    for prefix in [*search_paths, *default_search_paths()]:
+    paths = search_paths(extra_search_paths)
+    for prefix in paths:
         candidate = os.path.join(prefix, name)
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
-    raise SystemExit(f"gin file {name!r} not found in {[*search_paths, *default_search_paths()]}")
+    raise MissingFileError(f"gin file {name!r} not found in {paths}")
 
 
-def parse_gin_flags(
-    gin_files: Sequence[str],
-    gin_bindings: Sequence[str] = (),
-    search_paths: Sequence[str] = (),
-    *,
-    skip_unknown: bool = False,
-) -> None:
-    """Parse gin files and bindings with the repo's gin/ folder on the search path."""
-    _guard_package_resource_reader()
-    from gin import config as gin_config
-
-    for path in [*search_paths, *default_search_paths()]:
-        if path not in gin_config._LOCATION_PREFIXES:
-            gin.add_config_file_search_path(path)
+def parse_gin_flags(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+                    extra_search_paths: Sequence[str] = (), *, skip_unknown: bool = False) -> None:
+    """Parse gin files and bindings; includes resolve against the search paths (module docstring)."""
     if not gin_files and not gin_bindings:
-        raise SystemExit("no --gin_file given: every run is a gin file (see gin/)")
-    files = [resolve_gin_file(f, search_paths) for f in gin_files]
-    gin.parse_config_files_and_bindings(files, list(gin_bindings), skip_unknown=skip_unknown)
+        raise OptionError("no --gin_file given: every run is a gin file (see the shipped gin/ folder: "
+                          f"{resources.gin_dir()})")
+    files = [resolve_gin_file(f, extra_search_paths) for f in gin_files]
+    for path in search_paths(extra_search_paths):
+        if path not in _ADDED_SEARCH_PATHS:
+            gin.add_config_file_search_path(path)
+            _ADDED_SEARCH_PATHS.add(path)
+    with contextlib.chdir(resources.gin_dir()):
+        gin.parse_config_files_and_bindings(files, list(gin_bindings), skip_unknown=skip_unknown)
+
+
+def query(name: str) -> Any:
+    """The value of a gin parameter (`scope/fn.param`) or a macro (`NAME`), following macro references."""
+    value = gin.query_parameter(name if "." in name else f"%{name}")
+    while isinstance(value, gin.config.ConfigurableReference) or hasattr(value, "scoped_configurable_fn"):
+        value = value.scoped_configurable_fn()
+    return value
+
+
+def operative_config() -> str:
+    """gin's operative config with secrets redacted (by binding name and by value)."""
+    return redact_gin_config(gin.operative_config_str())
 
 
 def write_operative_config(directory: str | os.PathLike, name: str = "config.gin") -> Path:
-    """Write gin's operative config next to the run's outputs, atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(gin.operative_config_str())
-    os.replace(tmp, target)
-    return target
+    """Write the (redacted) operative config next to the run's outputs, atomically."""
+    return write_text_atomic(Path(directory) / name, operative_config())
 
 
-def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+def run(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] = None) -> Any:
     """Parse `--gin_file/--gin.X=V/--gin_bindings/--gin_search_paths` from argv and call main(rest)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     files, bindings, paths, rest = split_gin_args(argv)
     parse_gin_flags(files, bindings, paths)
-    main(rest)
+    return main(rest)

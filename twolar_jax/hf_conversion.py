@@ -12,12 +12,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flax import traverse_util
 
+from twolar_jax.errors import CheckpointError, MissingFileError
 from twolar_jax.model.config import T5Config
+from twolar_jax.resources import SPIECE_MODEL
 
 TensorMap = dict[str, np.ndarray]
 # HF keys that may appear beside the ones we read and that carry no extra information.
@@ -99,10 +101,6 @@ def name_table(c: T5Config) -> list[Rule]:
     return rules
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match what its config.json describes."""
-
-
 # --- reading ------------------------------------------------------------------------------------
 def _read_safetensors(path: Path) -> TensorMap:
     from safetensors.numpy import load_file
@@ -152,7 +150,7 @@ def read_hf_tensors(path: str | os.PathLike) -> TensorMap:
 def read_hf_config(path: str | os.PathLike) -> T5Config:
     config_path = Path(path) / "config.json"
     if not config_path.exists():
-        raise CheckpointError(f"{config_path}: missing (an HF T5 checkpoint dir needs config.json)")
+        raise MissingFileError(f"{config_path}: missing (an HF T5 checkpoint dir needs config.json)")
     try:
         values = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
@@ -235,15 +233,8 @@ def save_hf_checkpoint(path: str | os.PathLike, config: T5Config, params: Any, *
     else:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    from twolar_jax.tokenizer import DEFAULT_SPIECE
-    shutil.copyfile(tokenizer_path or DEFAULT_SPIECE, tmp / "spiece.model")
+    shutil.copyfile(tokenizer_path or SPIECE_MODEL, tmp / "spiece.model")
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
-
-
-def iter_name_table(config: T5Config) -> Iterator[tuple[str, str]]:
-    """(ours, hf) name pairs, for documentation and debugging."""
-    for rule in name_table(config):
-        yield rule.ours, rule.hf

@@ -21,7 +21,7 @@ one mean over all valid pairs of the whole batch. With one query, or with
 padding-as-bottom (every query has N*(N-1)/2 pairs), both agree.
 
 Padding: ``padding="mask"`` (default) drops padded passages from every sum.
-``padding="bottom"`` reproduces TWOLAR, whose loader pads short lists with
+``padding="twolar"`` reproduces TWOLAR, whose loader pads short lists with
 real ``<padding_passage>`` strings in the last positions: padded passages are
 items ranked after every real one, in position order among themselves, and
 take part in pairs and softmaxes. See docs/losses.md.
@@ -35,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twolar_jax.errors import OptionError
 from twolar_jax.ranking_metrics import check_ranking_inputs, masked_query_mean
 
 Array = jax.Array
 Reduction = Literal["mean", "pooled", "none"]
-Padding = Literal["mask", "bottom"]
+Padding = Literal["mask", "twolar"]
 LossFn = Callable[..., Array]
 
 # Weighing schemes of TWOLAR's (allRank's) LambdaLoss; None is plain log2 RankNet.
@@ -57,13 +58,13 @@ def _effective(
 ) -> tuple[Array, Array]:
     """(ranks, valid) after applying the padding mode.
 
-    In "bottom" mode padded passage p gets rank max_real_rank + 1 + (number of
+    In "twolar" mode padded passage p gets rank max_real_rank + 1 + (number of
     padded passages before p), which is TWOLAR's label when ranks are 0..n-1.
     """
     if padding == "mask":
         return teacher_ranks, mask
-    if padding != "bottom":
-        raise ValueError(f"{loss}: padding must be 'mask' or 'bottom', got {padding!r}")
+    if padding != "twolar":
+        raise OptionError(f"{loss}: padding must be 'mask' or 'twolar', got {padding!r}")
     max_real = jnp.max(jnp.where(mask, teacher_ranks, -1), axis=-1, keepdims=True)
     pad_index = jnp.cumsum(~mask, axis=-1) - 1
     ranks = jnp.where(mask, teacher_ranks, max_real + 1 + pad_index)
@@ -228,11 +229,11 @@ def lambda_loss(
     del teacher_scores
     scores, teacher_ranks, mask, _ = check_ranking_inputs(scores, teacher_ranks, mask, where="lambda_loss")
     if weighing_scheme not in LAMBDA_SCHEMES:
-        raise ValueError(f"lambda_loss: weighing_scheme must be one of {LAMBDA_SCHEMES}, got {weighing_scheme!r}")
+        raise OptionError(f"lambda_loss: weighing_scheme must be one of {LAMBDA_SCHEMES}, got {weighing_scheme!r}")
     if log_base not in ("binary", "natural"):
-        raise ValueError(f"lambda_loss: log_base must be 'binary' or 'natural', got {log_base!r}")
+        raise OptionError(f"lambda_loss: log_base must be 'binary' or 'natural', got {log_base!r}")
     if k is not None and k < 1:
-        raise ValueError(f"lambda_loss: k must be >= 1 or None, got {k}")
+        raise OptionError(f"lambda_loss: k must be >= 1 or None, got {k}")
     ranks, valid = _effective(scores, teacher_ranks, mask, padding, "lambda_loss")
     n = scores.shape[-1]
     labels = jnp.where(valid, _reciprocal_rank_labels(ranks), 0.0)
@@ -294,7 +295,7 @@ def margin_mse(
         is_top = jax.nn.one_hot(top, n, dtype=jnp.bool_)
         chosen = both & is_top[:, :, None] & ~is_top[:, None, :]
     else:
-        raise ValueError(f"margin_mse: pairs must be 'all' or 'top', got {pairs!r}")
+        raise OptionError(f"margin_mse: pairs must be 'all' or 'top', got {pairs!r}")
     student = scores[:, :, None] - scores[:, None, :]
     teacher = teacher_scores[:, :, None] - teacher_scores[:, None, :]
     return _reduce_pairs(jnp.square(student - teacher), chosen, reduction, "margin_mse")
@@ -313,7 +314,7 @@ def softmax_ce(
 
     -log softmax(s)[top], top = the real passage with the smallest teacher
     rank (first by position on ties). TWOLAR's ``softmax_ce_loss`` takes
-    position 0 with the padding strings in the softmax ("bottom" mode).
+    position 0 with the padding strings in the softmax ("twolar" mode).
     """
     del teacher_scores
     scores, teacher_ranks, mask, _ = check_ranking_inputs(scores, teacher_ranks, mask, where="softmax_ce")
@@ -338,4 +339,4 @@ def get_loss(name: str) -> LossFn:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+        raise OptionError(f"loss={name!r}: expected one of {sorted(LOSSES)}") from None

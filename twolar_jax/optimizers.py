@@ -8,14 +8,18 @@ global batch of 32 split into `num_microbatches` pieces, and a step is always on
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from twolar_jax.errors import OptionError, check_choice
+
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor")
+DECAY_MASKS = ("all", "matrices")
 
 
 def make_schedule(
@@ -30,14 +34,13 @@ def make_schedule(
 
     rsqrt is t5x's pre-training schedule: lr * sqrt(warmup / max(step, warmup)) after warmup.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    check_choice("schedule", schedule, SCHEDULES)
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        raise OptionError(f"warmup_steps must be >= 0, got {warmup_steps}")
     end = learning_rate * end_learning_rate_ratio
     if schedule in ("linear", "cosine"):
         if total_steps is None or total_steps <= warmup_steps:
-            raise ValueError(f"schedule {schedule!r} needs total_steps > warmup_steps ({total_steps} <= {warmup_steps})")
+            raise OptionError(f"schedule {schedule!r} needs total_steps > warmup_steps ({total_steps} <= {warmup_steps})")
         decay_steps = total_steps - warmup_steps
         if schedule == "linear":
             decay = optax.linear_schedule(learning_rate, end, decay_steps)
@@ -61,7 +64,7 @@ def _decay_mask(kind: str) -> Callable[[Any], Any] | None:
         return None  # TWOLAR (torch AdamW over model.parameters()) decays every parameter
     if kind == "matrices":
         return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    raise ValueError(f"unknown weight_decay_mask {kind!r}; choose 'all' or 'matrices'")
+    raise OptionError(f"weight_decay_mask={kind!r}: expected one of {DECAY_MASKS}")
 
 
 def make_optimizer(
@@ -82,8 +85,7 @@ def make_optimizer(
     adafactor_factored: bool = True,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, schedule). The schedule is returned too so the trainer can log the step's lr."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    check_choice("optimizer", name, OPTIMIZERS)
     lr = make_schedule(
         learning_rate=learning_rate,
         schedule=schedule,
@@ -105,3 +107,36 @@ def make_optimizer(
         )
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     return optax.chain(*parts, inner), lr
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer of a run as one gin-built object (`train.optimizer = @OptimizerConfig()`).
+
+    Defaults are TWOLAR's recipe: AdamW, lr 5e-5 constant, weight decay 0.01 on every parameter, clip 1.0.
+    """
+
+    name: str = "adamw"
+    learning_rate: float = 5e-5
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    end_learning_rate_ratio: float = 0.0
+    weight_decay: float = 0.01
+    weight_decay_mask: str = "all"
+    clip_norm: Optional[float] = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    adafactor_decay_rate: float = 0.8
+    adafactor_factored: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("OptimizerConfig.name", self.name, OPTIMIZERS)
+        check_choice("OptimizerConfig.schedule", self.schedule, SCHEDULES)
+        check_choice("OptimizerConfig.weight_decay_mask", self.weight_decay_mask, DECAY_MASKS)
+        if not self.learning_rate > 0:
+            raise OptionError(f"OptimizerConfig.learning_rate={self.learning_rate}: must be > 0")
+
+    def build(self, total_steps: Optional[int]) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        """(optimizer, schedule) for a run of `total_steps` updates."""
+        return make_optimizer(total_steps=total_steps, **dataclasses.asdict(self))

@@ -18,9 +18,11 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from twolar_jax import resources
+from twolar_jax.errors import OptionError
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
-BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch dimension is split over (see rules.gin)
-RULES_GIN = Path(__file__).resolve().parent.parent / "gin" / "mesh" / "rules.gin"
+RULES_FILE = "mesh/rules.gin"  # under the shipped gin folder
 RULES_MACRO = "LOGICAL_AXIS_RULES"
 
 LogicalRules = Sequence[tuple[str, Any]]
@@ -34,16 +36,16 @@ def fill_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     shape = tuple(int(s) for s in shape)
     unknown = [i for i, s in enumerate(shape) if s == -1]
     if len(unknown) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one -1 is allowed")
+        raise OptionError(f"mesh shape {shape}: at most one -1 is allowed")
     if any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: sizes must be positive or -1")
+        raise OptionError(f"mesh shape {shape}: sizes must be positive or -1")
     known = math.prod(s for s in shape if s != -1)
     if unknown:
         if num_devices % known:
-            raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
+            raise OptionError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, but {num_devices} are in use")
+        raise OptionError(f"mesh shape {shape} needs {math.prod(shape)} devices, but {num_devices} are in use")
     return shape
 
 
@@ -62,7 +64,7 @@ def make_mesh(
     """
     devices = list(jax.devices() if devices is None else devices)
     if len(shape) != len(axis_names):
-        raise ValueError(f"mesh shape {tuple(shape)} does not match axis names {tuple(axis_names)}")
+        raise OptionError(f"mesh shape {tuple(shape)} does not match axis names {tuple(axis_names)}")
     filled = fill_mesh_shape(shape, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(axis_names)
     return jax.make_mesh(filled, tuple(axis_names), axis_types=auto, devices=devices)
@@ -74,7 +76,7 @@ def mesh_shape_str(mesh: Mesh) -> str:
 
 
 # ---------------------------------------------------------------------------------------- rules
-def load_logical_axis_rules(path: str | os.PathLike = RULES_GIN, macro: str = RULES_MACRO) -> tuple:
+def load_logical_axis_rules(path: str | os.PathLike | None = None, macro: str = RULES_MACRO) -> tuple:
     """Read the rule table from its gin file without touching gin's global config.
 
     Training binds the same macro through gin; tests and tools that run outside gin read it here, so
@@ -83,6 +85,7 @@ def load_logical_axis_rules(path: str | os.PathLike = RULES_GIN, macro: str = RU
     from gin import config as gin_config
     from gin import config_parser
 
+    path = path or resources.gin_dir() / RULES_FILE
     text = Path(path).read_text()
     delegate = gin_config.ParserDelegate(skip_unknown=True)
     for statement in config_parser.ConfigParser(text, delegate):
@@ -96,13 +99,13 @@ def normalize_rules(rules: LogicalRules) -> tuple[tuple[str, Any], ...]:
     out = []
     for i, rule in enumerate(rules):
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-            raise ValueError(f"logical axis rule #{i} {rule!r}: expected (logical_name, mesh_axes)")
+            raise OptionError(f"logical axis rule #{i} {rule!r}: expected (logical_name, mesh_axes)")
         name, target = rule
         if isinstance(target, list):
             target = tuple(target)
         if not (target is None or isinstance(target, str) or
                 (isinstance(target, tuple) and all(isinstance(t, str) for t in target))):
-            raise ValueError(f"logical axis rule #{i} {rule!r}: mesh axes must be None, a name or a tuple of names")
+            raise OptionError(f"logical axis rule #{i} {rule!r}: mesh axes must be None, a name or a tuple of names")
         out.append((name, target))
     return tuple(out)
 

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from twolar_jax.errors import CheckpointError, MissingFileError, OptionError, check_choice
 from twolar_jax.model.config import T5Config
 from twolar_jax.model.network import T5
 from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens, score_from_selected
-from twolar_jax.tokenizer import T5Tokenizer, encode_query_document
+from twolar_jax.tokenizer import T5Tokenizer, check_encoding_options, encode_query_document
 
 DTYPES = ("float32", "bfloat16")
 
@@ -58,26 +59,26 @@ class Reranker:
     """A T5 cross-encoder scoring `Query: q Document: d Relevant:` on the first decoder step."""
 
     def __init__(self, config: T5Config, params: Any, *, tokenizer: T5Tokenizer | None = None,
-                 score: str = "difference", dtype: str = "float32", batch_size: int = 32, max_length: int = 512,
+                 score_head: str = "difference", dtype: str = "float32", batch_size: int = 32, max_length: int = 512,
                  truncation: str = "document", length_buckets: Sequence[int] | None = None,
                  devices: Sequence[jax.Device] | None = None) -> None:
-        check_head(score)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
-        if batch_size < 1 or max_length < 8:
-            raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1 and >= 8")
+        check_head(score_head)
+        check_choice("dtype", dtype, DTYPES)
+        check_encoding_options(max_length=max_length, truncation=truncation)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise OptionError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer or T5Tokenizer()
         if self.tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model only {config.vocab_size}")
+            raise CheckpointError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model only {config.vocab_size}")
         self.config = config.replace(dtype=dtype)
-        self.score_head = score
+        self.score_head = score_head
         self.score_tokens = resolve_score_tokens(self.tokenizer)
-        self.vocab_ids = head_vocab_ids(score, self.score_tokens)
+        self.vocab_ids = head_vocab_ids(score_head, self.score_tokens)
         self.max_length = max_length
         self.truncation = truncation
         self.length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
         if self.length_buckets[-1] < max_length:
-            raise ValueError(f"length_buckets {self.length_buckets} must reach max_length={max_length}")
+            raise OptionError(f"length_buckets {self.length_buckets} must reach max_length={max_length}")
         self.devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(self.devices), ("data",))
         # Round the batch up so every device gets the same number of rows.
@@ -104,10 +105,10 @@ class Reranker:
             from twolar_jax.checkpointing import load_inference_params
             config, params = load_inference_params(path, step=kwargs.pop("step", None))
         elif not path.exists():
-            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+            raise MissingFileError(f"{path}: no such checkpoint directory")
         else:
-            raise ValueError(f"{path}: neither an HF T5 dir (config.json) nor a TWOLAR-JAX model dir "
-                             "(model_config.json)")
+            raise CheckpointError(f"{path}: neither an HF T5 dir (config.json) nor a TWOLAR-JAX model dir "
+                                  "(model_config.json)")
         if "tokenizer" not in kwargs and (path / "spiece.model").exists():
             kwargs["tokenizer"] = T5Tokenizer(path / "spiece.model")
         return cls(config, params, **kwargs)

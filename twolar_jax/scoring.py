@@ -5,9 +5,12 @@ All heads return fp32: bf16 scores tie often, and ties make trec_eval order by d
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax.numpy as jnp
+
+from twolar_jax.errors import check_choice
 
 SCORE_HEADS = ("difference", "softmax", "extra_id")
 
@@ -20,8 +23,17 @@ class ScoreTokens(NamedTuple):
 
 def resolve_score_tokens(tokenizer, *, true_piece: str = "▁true", false_piece: str = "▁false",
                          extra_piece: str = "<extra_id_10>") -> ScoreTokens:
+    """The ids the heads read, looked up in `tokenizer`'s vocabulary (the one place that knows the pieces)."""
     return ScoreTokens(tokenizer.piece_to_id(true_piece), tokenizer.piece_to_id(false_piece),
                        tokenizer.piece_to_id(extra_piece))
+
+
+@functools.lru_cache(maxsize=1)
+def default_score_tokens() -> ScoreTokens:
+    """Score tokens of the shipped T5 / Flan-T5 vocabulary."""
+    from twolar_jax.tokenizer import T5Tokenizer
+
+    return resolve_score_tokens(T5Tokenizer())
 
 
 def head_vocab_ids(head: str, tokens: ScoreTokens) -> tuple[int, ...]:
@@ -31,8 +43,7 @@ def head_vocab_ids(head: str, tokens: ScoreTokens) -> tuple[int, ...]:
 
 
 def check_head(head: str) -> None:
-    if head not in SCORE_HEADS:
-        raise ValueError(f"unknown score head {head!r}; expected one of {SCORE_HEADS}")
+    check_choice("score_head", head, SCORE_HEADS)
 
 
 def score_from_selected(selected: jnp.ndarray, head: str) -> jnp.ndarray:

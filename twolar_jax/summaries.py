@@ -6,18 +6,27 @@ and fsynced) is what scripts and tests read; TensorBoard is for people. Only pro
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 
+from twolar_jax.durable_io import read_jsonl, truncate_jsonl
+
 
 class SummaryWriter:
-    """Scalars for one split ('train', 'validation'), under MODEL_DIR/tb/<split> and MODEL_DIR/metrics."""
+    """Scalars for one split ('train', 'validation'), under MODEL_DIR/tb/<split> and MODEL_DIR/metrics.
 
-    def __init__(self, model_dir: str | os.PathLike, split: str, *, tensorboard: bool = True):
+    `truncate_after=k` drops JSONL records of steps after k first: a run resumed from step k's checkpoint
+    logs those steps again, and the file must not hold them twice. A step already in the file is not
+    written again (a finished run that is started again re-validates its last step to the same numbers).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, split: str, *, tensorboard: bool = True,
+                 truncate_after: int | None = None):
         self.enabled = jax.process_index() == 0
         self.split = split
         self._tb = None
@@ -25,16 +34,25 @@ class SummaryWriter:
         if not self.enabled:
             return
         model_dir = Path(model_dir)
-        (model_dir / "metrics").mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(model_dir / "metrics" / f"{split}.jsonl", "a", encoding="utf-8")
+        path = model_dir / "metrics" / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after is not None:
+            dropped = truncate_jsonl(path, lambda r: int(r.get("step", 0)) <= truncate_after)
+            if dropped:
+                logging.getLogger("twolar_jax.train").info(
+                    "%s: dropped %d records logged after step %d (the run resumes from there)", path, dropped,
+                    truncate_after)
+        self._steps = {int(r.get("step", -1)) for _, r in read_jsonl(path)}
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter as TBWriter
 
             self._tb = TBWriter(str(model_dir / "tb" / split))
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or int(step) in self._steps:
             return
+        self._steps.add(int(step))
         clean = {k: _to_float(v) for k, v in values.items()}
         if self._tb is not None:
             for name, value in clean.items():
@@ -66,23 +84,11 @@ def _to_float(value: Any) -> float:
 
 
 def read_metrics(model_dir: str | os.PathLike, split: str = "train") -> list[dict[str, float]]:
-    """The JSONL records of a run, in file order (a resumed run may repeat steps after a crash)."""
+    """The JSONL records of a run, in file order."""
     path = Path(model_dir) / "metrics" / f"{split}.jsonl"
-    return list(_iter_jsonl(path)) if path.exists() else []
-
-
-def _iter_jsonl(path: Path) -> Iterator[dict[str, float]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return [record for _, record in read_jsonl(path)]
 
 
 def metrics_by_step(model_dir: str | os.PathLike, split: str = "train") -> dict[int, dict[str, float]]:
-    """Last record per step (a step re-run after resuming replaces the earlier one)."""
+    """Last record per step."""
     return {int(r["step"]): r for r in read_metrics(model_dir, split)}

@@ -13,10 +13,19 @@ from typing import Sequence
 
 import sentencepiece as spm
 
-DEFAULT_SPIECE = Path(__file__).resolve().parent / "assets" / "spiece.model"
+from twolar_jax.errors import MissingFileError, OptionError, check_choice
+from twolar_jax.resources import SPIECE_MODEL
+
 EXTRA_IDS = 100
-TEMPLATE = "Query: {query} Document: {document} Relevant:"
+# The template, in the pieces the TF input pipeline joins too (data_pipeline imports them from here):
+# "Query: {query} Document: {document} Relevant:".
+QUERY_PREFIX = "Query: "
+DOCUMENT_MARKER = " Document:"
+SUFFIX = "Relevant:"
+TEMPLATE = QUERY_PREFIX + "{query}" + DOCUMENT_MARKER + " {document} " + SUFFIX
 TRUNCATION_MODES = ("document", "whole")
+MIN_MAX_LENGTH = 8  # the template alone needs a few tokens
+DEFAULT_MAX_LENGTH = 512
 _EXTRA_ID = re.compile(r"^<extra_id_(\d+)>$")
 
 
@@ -28,9 +37,9 @@ class T5Tokenizer:
     unk_id = 2
 
     def __init__(self, path: str | os.PathLike | None = None, *, extra_ids: int = EXTRA_IDS) -> None:
-        self.path = Path(path) if path is not None else DEFAULT_SPIECE
+        self.path = Path(path) if path is not None else SPIECE_MODEL
         if not self.path.exists():
-            raise FileNotFoundError(f"{self.path}: SentencePiece model not found")
+            raise MissingFileError(f"{self.path}: SentencePiece model not found")
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.extra_ids = extra_ids
         self.base_vocab_size = self._sp.get_piece_size()
@@ -80,15 +89,19 @@ def assemble_pair(prefix: list[int], document: list[int], suffix: list[int], *, 
     return prefix + document[:budget] + suffix + [eos_id]
 
 
-def encode_query_document(tokenizer: T5Tokenizer, query: str, document: str, *, max_length: int = 512,
+def check_encoding_options(*, max_length: int, truncation: str) -> None:
+    """Refuse a truncation mode or max_length the template cannot work with, naming the option."""
+    check_choice("truncation", truncation, TRUNCATION_MODES)
+    if not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH:
+        raise OptionError(f"max_length={max_length!r} is too small for the template (need >= {MIN_MAX_LENGTH})")
+
+
+def encode_query_document(tokenizer: T5Tokenizer, query: str, document: str, *, max_length: int = DEFAULT_MAX_LENGTH,
                           truncation: str = "document") -> list[int]:
     """Token ids of `Query: {q} Document: {d} Relevant:` + EOS, at most max_length long."""
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"truncation={truncation!r}: expected one of {TRUNCATION_MODES}")
-    if max_length < 8:
-        raise ValueError(f"max_length={max_length} is too small for the template")
+    check_encoding_options(max_length=max_length, truncation=truncation)
     if truncation == "whole":
         ids = tokenizer.encode(TEMPLATE.format(query=query, document=document))
         return ids[: max_length - 1] + [tokenizer.eos_id]
-    return assemble_pair(tokenizer.encode(f"Query: {query} Document:"), tokenizer.encode(document),
-                         tokenizer.encode("Relevant:"), max_length=max_length, eos_id=tokenizer.eos_id)
+    return assemble_pair(tokenizer.encode(QUERY_PREFIX + query + DOCUMENT_MARKER), tokenizer.encode(document),
+                         tokenizer.encode(SUFFIX), max_length=max_length, eos_id=tokenizer.eos_id)

@@ -14,7 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from twolar_jax import partitioning
 
@@ -116,11 +116,3 @@ def place_params(params: Any, optimizer: optax.GradientTransformation, shardings
     params = jax.device_put(params, shardings.params)
     init = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings)
     return init(params)
-
-
-def param_count(params: Any) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
-
-
-def replicated_scalar(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

@@ -23,6 +23,7 @@ import optax
 from flax import linen as nn
 
 from twolar_jax import losses, partitioning, ranking_metrics, scoring
+from twolar_jax.errors import OptionError, TwolarError
 from twolar_jax.model.config import T5Config
 from twolar_jax.model.network import T5
 from twolar_jax.train_state import TrainState
@@ -35,7 +36,6 @@ BATCH_FEATURES: dict[str, tuple[int, str, bool]] = {
     "encoder_input_tokens": (3, "int", True),  # [B, N, L]
     "teacher_ranks": (2, "int", True),  # [B, N], 0 = the teacher's best
     "passage_mask": (2, "intbool", True),  # [B, N], 1 = real passage
-    "decoder_input_tokens": (3, "int", False),  # [B, N, 1]; the step starts from token 0 itself
     "teacher_scores": (2, "float", False),  # [B, N], for margin_mse
 }
 
@@ -45,7 +45,7 @@ def select_features(batch: Batch) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k in BATCH_FEATURES}
 
 
-class BatchError(ValueError):
+class BatchError(TwolarError, ValueError):
     """A batch that does not match the trainer's feature contract."""
 
 
@@ -87,9 +87,6 @@ def validate_batch(
             raise BatchError(
                 f"{where}: feature {name!r} has shape {shapes[name]} but encoder_input_tokens has shape "
                 f"{(b, n, length)}; expected {(b, n)} ([batch, num_passages])")
-    if "decoder_input_tokens" in shapes and shapes["decoder_input_tokens"][:2] != (b, n):
-        raise BatchError(f"{where}: feature 'decoder_input_tokens' has shape {shapes['decoder_input_tokens']}, "
-                         f"expected {(b, n, 1)}")
     if group_size is not None and n != group_size:
         raise BatchError(f"{where}: encoder_input_tokens has {n} passages per query (shape {(b, n, length)}), "
                          f"expected group_size={group_size}")
@@ -106,7 +103,7 @@ class StepSpec:
     loss: str = "rank_net"
     loss_options: tuple[tuple[str, Any], ...] = ()
     score_head: str = "difference"
-    score_tokens: scoring.ScoreTokens = scoring.ScoreTokens(1176, 6136, 32089)
+    score_tokens: scoring.ScoreTokens | None = None  # None: looked up in the default vocabulary
     num_microbatches: int = 1
     enable_dropout: bool = True
     ndcg_k: int | None = 10
@@ -114,10 +111,12 @@ class StepSpec:
     def __post_init__(self) -> None:
         scoring.check_head(self.score_head)
         losses.get_loss(self.loss)
+        if self.score_tokens is None:
+            object.__setattr__(self, "score_tokens", scoring.default_score_tokens())
         if any(k == "reduction" for k, _ in self.loss_options):
-            raise ValueError("loss_options: 'reduction' is set by the trainer (per-query mean over the global batch)")
+            raise OptionError("loss_options: 'reduction' is set by the trainer (per-query mean over the global batch)")
         if self.num_microbatches < 1:
-            raise ValueError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
+            raise OptionError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
 
     def per_query_loss(self) -> Callable[..., jax.Array]:
         return functools.partial(losses.get_loss(self.loss), reduction="none", **dict(self.loss_options))
@@ -271,19 +270,6 @@ class PartitionedStep:
     def lower(self, *args):
         with partitioning.activation_context(self.mesh, self.rules):
             return self.jitted.lower(*args)
-
-
-def batch_shapes(batch_size: int, group_size: int, max_length: int, *, teacher_scores: bool = False) -> dict:
-    """Abstract batch (for shardings and ahead-of-time compilation)."""
-    shapes = {
-        "encoder_input_tokens": jax.ShapeDtypeStruct((batch_size, group_size, max_length), jnp.int32),
-        "decoder_input_tokens": jax.ShapeDtypeStruct((batch_size, group_size, 1), jnp.int32),
-        "teacher_ranks": jax.ShapeDtypeStruct((batch_size, group_size), jnp.int32),
-        "passage_mask": jax.ShapeDtypeStruct((batch_size, group_size), jnp.int32),
-    }
-    if teacher_scores:
-        shapes["teacher_scores"] = jax.ShapeDtypeStruct((batch_size, group_size), jnp.float32)
-    return shapes
 
 
 def partition_train_step(

@@ -1,0 +1,118 @@
+"""A TFDS builder for the prepared (grouped, validated) distillation set: one example per query.
+
+Why TFDS as well as JSONL: a pod slice reads TFRecord shards from a bucket in parallel, with file-level
+sharding across hosts, which a single JSONL file cannot give. Text is stored untokenized so that the
+group size, length and truncation stay training-time choices.
+
+Build (files named train.jsonl / validation.jsonl in a folder, the TFDS "manual dir" convention):
+    python -m data_pipeline.seqio_input.tfds_builder --train_path=train.jsonl [--validation_path=dev.jsonl] --data_dir=DIR
+then `tasks.register_distill_tfds_tasks(data_dir=DIR)`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data_pipeline.distill_format import read_distill_jsonl
+from data_pipeline.seqio_input.tf_env import tf
+
+PathLike = Union[str, os.PathLike]
+SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
+
+
+class TwolarDistill(tfds.core.GeneratorBasedBuilder):
+    """Distillation queries with their teacher-ordered candidates (registered as "twolar_distill")."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "The distillation JSONL (docs/data_format.md), one example per query."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put the distillation JSONL files in the manual dir as train.jsonl (required) and "
+        "validation.jsonl (optional); `build_tfds(train_path=..., data_dir=...)` does this for you.")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS 4.9.10 derives this through the `importlib_resources` backport, which is not installed
+        # here (and not needed: the builder lives in this file).
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        text = tfds.features.Text()
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "qid": text,
+                "query": text,
+                "query_type": text,
+                "docids": tfds.features.Sequence(tfds.features.Text()),
+                "texts": tfds.features.Sequence(tfds.features.Text()),
+                "teacher_scores": tfds.features.Sequence(tfds.features.Scalar(dtype=tf.float32)),
+                "has_teacher_scores": tfds.features.Scalar(dtype=tf.bool),
+            }),
+            supervised_keys=None,
+        )
+
+    def _split_generators(self, dl_manager):
+        manual = Path(dl_manager.manual_dir)
+        splits = {split: self._generate_examples(manual / name)
+                  for split, name in SPLIT_FILES.items() if (manual / name).exists()}
+        if "train" not in splits:
+            raise FileNotFoundError(f"{manual / SPLIT_FILES['train']}: missing. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        return splits
+
+    def _generate_examples(self, path: Path):
+        # Strict: a bad line stops the build with "<file>:<line>: <field>: <what>".
+        for i, record in enumerate(read_distill_jsonl(path)):
+            has_scores = record.teacher_scores is not None
+            yield i, {
+                "qid": record.qid,
+                "query": record.query,
+                "query_type": record.query_type,
+                "docids": [c.docid for c in record.candidates],
+                "texts": [c.text for c in record.candidates],
+                "teacher_scores": list(record.teacher_scores) if has_scores else [0.0] * len(record.candidates),
+                "has_teacher_scores": has_scores,
+            }
+
+
+def to_raw_example(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """TFDS example -> the raw example the preprocessors expect (same keys; fixes dtypes)."""
+    def fn(ex):
+        return {
+            "qid": ex["qid"], "query": ex["query"], "query_type": ex["query_type"],
+            "docids": ex["docids"], "texts": ex["texts"],
+            "teacher_scores": tf.cast(ex["teacher_scores"], tf.float32),
+            "has_teacher_scores": tf.cast(ex["has_teacher_scores"], tf.bool),
+        }
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def build_tfds(*, train_path: PathLike, data_dir: PathLike,
+               validation_path: Optional[PathLike] = None) -> tfds.core.DatasetBuilder:
+    """Prepare the TFDS dataset under data_dir from distillation JSONL files (symlinked into a manual dir)."""
+    with tempfile.TemporaryDirectory() as manual:
+        for split, path in (("train", train_path), ("validation", validation_path)):
+            if path is not None:
+                os.symlink(os.path.abspath(path), os.path.join(manual, SPLIT_FILES[split]))
+        builder = TwolarDistill(data_dir=str(data_dir))
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    return builder
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train_path", required=True)
+    parser.add_argument("--validation_path")
+    parser.add_argument("--data_dir", required=True)
+    args = parser.parse_args(argv)
+    builder = build_tfds(train_path=args.train_path, validation_path=args.validation_path, data_dir=args.data_dir)
+    print(builder.info.splits)
+
+
+if __name__ == "__main__":
+    main()
