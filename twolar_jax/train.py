@@ -353,8 +353,9 @@ def _devices(num_devices: int | None) -> list[jax.Device] | None:
 
 
 def _runtime_fields(config: T5Config) -> dict[str, Any]:
-    """Fields a run may set differently from the checkpoint it starts from."""
-    return {"dtype": config.dtype, "remat": config.remat, "dropout_rate": config.dropout_rate}
+    """Fields a run may set differently from the checkpoint it starts from (how it computes, not what)."""
+    return {"dtype": config.dtype, "remat": config.remat, "dropout_rate": config.dropout_rate,
+            "attention": config.attention}
 
 
 def _score_tokens():
