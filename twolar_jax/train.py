@@ -253,7 +253,7 @@ def train(
     elif init_checkpoint:
         from twolar_jax.hf_conversion import load_hf_checkpoint
 
-        ckpt_config, params = load_hf_checkpoint(init_checkpoint)
+        ckpt_config, params = load_hf_checkpoint(init_checkpoint, scan_layers=config.scan_layers)
         if ckpt_config.replace(**_runtime_fields(config)) != config:
             raise ValueError(f"init_checkpoint {init_checkpoint}: its config {ckpt_config} does not match the model {config}")
         state = train_state.place_params(params, opt, shardings)
@@ -355,7 +355,7 @@ def _devices(num_devices: int | None) -> list[jax.Device] | None:
 def _runtime_fields(config: T5Config) -> dict[str, Any]:
     """Fields a run may set differently from the checkpoint it starts from (how it computes, not what)."""
     return {"dtype": config.dtype, "remat": config.remat, "dropout_rate": config.dropout_rate,
-            "attention": config.attention}
+            "attention": config.attention, "scan_layers": config.scan_layers}
 
 
 def _score_tokens():

@@ -35,6 +35,10 @@ class T5Config:
     # (one batched einsum-softmax-einsum), "dot_product" (jax.nn.dot_product_attention), or "auto" (rows
     # on CPU, dot_product on GPU, einsum on TPU). Same arithmetic every way; see network.resolve_attention.
     attention: str = "auto"
+    # Encoder/decoder layers under nn.scan (t5x/MaxText `scan_layers`): parameters stacked on a leading
+    # 'layers' axis under <stack>/layers instead of <stack>/layers_<i>; model.scan converts between the two.
+    # Faster to compile for deep models; the same numbers either way.
+    scan_layers: bool = False
     decoder_start_token_id: int = 0
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -44,6 +48,8 @@ class T5Config:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected one of {FEED_FORWARD_KINDS}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"T5Config.attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"T5Config.scan_layers={self.scan_layers!r}: expected True or False")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"T5Config.dtype={self.dtype!r}: expected one of {COMPUTE_DTYPES}")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",

@@ -7,8 +7,10 @@ Numerics follow transformers' `T5ForConditionalGeneration`: RMS norm in fp32, no
 scaling, relative position buckets computed once per stack and shared by its layers, decoder output
 scaled by d_model^-0.5 only when embeddings are tied (T5 v1.0).
 
-`T5Config.attention` picks how the attention core is computed (`resolve_attention`: a per-sequence
-loop, batched einsums or jax.nn.dot_product_attention); every path computes the same function.
+Two ways of computing the same function are chosen by the config: `attention` picks the attention core
+(`resolve_attention`: a per-sequence loop, batched einsums or jax.nn.dot_product_attention), and
+`scan_layers` runs each stack's layers under nn.scan with stacked parameters (`model.scan` converts
+parameter trees between the two forms).
 """
 from __future__ import annotations
 
@@ -267,7 +269,8 @@ class EncoderLayer(nn.Module):
         x = x + drop(y, deterministic=not enable_dropout)
         y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
         y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
-        return _constrain(x + drop(y, deterministic=not enable_dropout), ("batch", "length", "embed"))
+        x = _constrain(x + drop(y, deterministic=not enable_dropout), ("batch", "length", "embed"))
+        return (x, None) if c.scan_layers else x  # nn.scan's body returns (carry, per-layer output)
 
 
 class DecoderLayer(nn.Module):
@@ -289,7 +292,31 @@ class DecoderLayer(nn.Module):
         x = x + drop(y, deterministic=not enable_dropout)
         y = RMSNorm(c.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
         y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
-        return _constrain(x + drop(y, deterministic=not enable_dropout), ("batch", "length", "embed"))
+        x = _constrain(x + drop(y, deterministic=not enable_dropout), ("batch", "length", "embed"))
+        return (x, None) if c.scan_layers else x
+
+
+def _layer_stack(layer: type[nn.Module], config: T5Config, num_layers: int, *, static_argnums: tuple[int, ...],
+                 remat: bool) -> type[nn.Module]:
+    """The layer class a stack instantiates: the layer itself, rematerialised and/or scanned.
+
+    Unscanned, the stack calls it once per layer (`layers_<i>`). Scanned (config.scan_layers), one call
+    named `layers` runs all of them under nn.scan: parameters stacked on a leading axis named 'layers'
+    (added to their logical axes through metadata_params), a fresh params/dropout rng per layer, and every
+    argument but the carried hidden state broadcast. The 'cache' collection is scanned as well, so
+    incremental decoding keeps one [layers, B, len, heads, kv] key/value cache per stack rather than
+    falling back to an unrolled decoder; 'intermediates' (sow, capture_intermediates) are stacked the same
+    way. Inside a scan XLA cannot CSE the rematerialised forward into the original one, so remat drops
+    its prevent_cse barrier there (jax.checkpoint's advice; t5x does the same). Because the params rng is
+    split per layer, a scanned init draws other values than an unrolled one: use model.scan.stack_layers
+    to get the same weights in both forms."""
+    if remat:
+        layer = nn.remat(layer, static_argnums=static_argnums, prevent_cse=not config.scan_layers)
+    if not config.scan_layers:
+        return layer
+    return nn.scan(layer, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=nn.broadcast, length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 def _padding_bias(key_tokens: Array) -> Array:
@@ -310,9 +337,12 @@ class Encoder(nn.Module):
         positions = jnp.arange(tokens.shape[1])
         bias = RelativePositionBias(c, bidirectional=True, name="relpos_bias")(positions, positions)
         padding = _padding_bias(tokens)
-        layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if c.remat else EncoderLayer
-        for i in range(c.num_encoder_layers):
-            x = layer_cls(c, name=f"layers_{i}")(x, bias, padding, enable_dropout)
+        layer_cls = _layer_stack(EncoderLayer, c, c.num_encoder_layers, static_argnums=(4,), remat=c.remat)
+        if c.scan_layers:
+            x, _ = layer_cls(c, name="layers")(x, bias, padding, enable_dropout)
+        else:
+            for i in range(c.num_encoder_layers):
+                x = layer_cls(c, name=f"layers_{i}")(x, bias, padding, enable_dropout)
         x = RMSNorm(c.layer_norm_epsilon, _dtype(c), name="encoder_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
 
@@ -346,10 +376,14 @@ class Decoder(nn.Module):
         self_bias = RelativePositionBias(c, bidirectional=False, name="relpos_bias")(query_positions, key_positions)
         self_bias = self_bias + causal[None, None].astype(jnp.float32)
         cross_padding = _padding_bias(encoder_tokens)
-        layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 7)) if c.remat and not decode else DecoderLayer
-        for i in range(c.num_decoder_layers):
-            x = layer_cls(c, name=f"layers_{i}")(x, encoded, self_bias, cross_padding, enable_dropout, decode_index,
-                                                 cache_step)
+        layer_cls = _layer_stack(DecoderLayer, c, c.num_decoder_layers, static_argnums=(5, 7),
+                                 remat=c.remat and not decode)
+        rest = (encoded, self_bias, cross_padding, enable_dropout, decode_index, cache_step)
+        if c.scan_layers:
+            x, _ = layer_cls(c, name="layers")(x, *rest)
+        else:
+            for i in range(c.num_decoder_layers):
+                x = layer_cls(c, name=f"layers_{i}")(x, *rest)
         x = RMSNorm(c.layer_norm_epsilon, dtype, name="decoder_norm")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
         if c.tie_word_embeddings:
