@@ -12,13 +12,15 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec
 
 from tests.test_sharding_golden import golden_path
-from twolar_jax import checkpointing, optimizers, partitioning, train_state
+from tests.train_helpers import synthetic_batch
+from twolar_jax import checkpointing, optimizers, partitioning, train_state, trainer
 from twolar_jax.generation import generate
 from twolar_jax.hf_conversion import load_hf_checkpoint, params_to_hf, save_hf_checkpoint
 from twolar_jax.model import network
 from twolar_jax.model.config import T5Config, preset
 from twolar_jax.model.network import T5
 from twolar_jax.model.scan import is_scanned, match_layout, stack_layers, unstack_layers
+from twolar_jax.scoring import ScoreTokens
 
 # Small, random, fp32; 3 encoder and 2 decoder layers so the two stacks' lengths differ.
 CONFIG = T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=3,
@@ -206,6 +208,33 @@ def test_scan_sharding_is_the_golden_dump_plus_a_replicated_layers_axis(model, m
     # The optimizer state follows the params (AdamW's mu/nu carry the same stacked specs).
     mu = partitioning.sharding_dump(shardings.opt_state[1][0].mu)
     assert mu == dump
+
+
+def test_scan_adamw_step_equals_unrolled_step(params, stacked):
+    """One AdamW train step (with the "matrices" weight-decay mask) updates both forms identically."""
+    batch = trainer.select_features(synthetic_batch(0, batch_size=2, group_size=3, max_length=12))
+    batch["encoder_input_tokens"] = batch["encoder_input_tokens"] % CONFIG.vocab_size
+    opt, schedule = optimizers.make_optimizer(learning_rate=1e-2, weight_decay=0.1, weight_decay_mask="matrices")
+    spec = trainer.make_step_spec(loss="rank_net", enable_dropout=False,
+                                  score_tokens=ScoreTokens(true_id=5, false_id=6, extra_id=7))
+    results = []
+    for config, p in ((CONFIG, params), (SCANNED, stacked)):
+        step = jax.jit(trainer.make_train_step(config, opt, schedule, spec))
+        state, metrics = step(train_state.TrainState.create(p, opt), batch, jax.random.PRNGKey(0))
+        results.append((jax.device_get(state.params), float(metrics["loss"])))
+    (want, want_loss), (got, got_loss) = results
+    assert got_loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+    got = unstack_layers(got, CONFIG)
+    for key, value in _flat(want).items():
+        np.testing.assert_allclose(_flat(got)[key], value, err_msg=key, **TOL)
+    assert not np.allclose(_flat(want)["encoder/layers_0/attention/query/kernel"],
+                           _flat(params)["encoder/layers_0/attention/query/kernel"]), "the step changed nothing"
+    # The mask decays the same leaves in both forms: a stacked [layers, d] norm scale is not a matrix.
+    mask = optimizers._decay_mask("matrices")
+    unrolled = _flat(mask(params))
+    for key, decayed in _flat(mask(stacked)).items():
+        assert decayed == unrolled[key.replace("/layers/", "/layers_0/")], key
+    assert mask(stacked)["encoder"]["layers"]["pre_mlp_layer_norm"]["scale"] is False
 
 
 def test_scan_model_dir_restores_scanned_and_exports_like_unrolled(params, stacked, tmp_path):
