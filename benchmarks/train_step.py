@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 5 with --quick)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="the tiny preset (same 30x512 batch): about 20 s on CPU")
+    p.add_argument("--attention", default="auto", choices=["auto", "rows", "einsum", "dot_product"],
+                   help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
+    p.add_argument("--scan_layers", action="store_true", help="T5Config.scan_layers: layers under nn.scan")
     args = p.parse_args(argv)
     if args.quick:
         args.preset = args.preset or "tiny"
@@ -155,7 +158,8 @@ def main(argv=None) -> None:
     from twolar_jax.scoring import resolve_score_tokens
     from twolar_jax.tokenizer import T5Tokenizer
 
-    config = preset(args.preset, dropout_rate=0.0, dtype=args.dtype)
+    config = preset(args.preset, dropout_rate=0.0, dtype=args.dtype, attention=args.attention,
+                    scan_layers=args.scan_layers)
     tokens = resolve_score_tokens(T5Tokenizer())
     params = jax.device_get(network.init_params(config, 0))
     batch = make_batch(args.group_size, args.max_length)
@@ -165,6 +169,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     print(f"preset={args.preset} dtype={args.dtype} batch=1x{args.group_size}x{args.max_length} "
+          f"attention={network.resolve_attention(config)} scan_layers={config.scan_layers} "
           f"jax={jax.__version__} backend={backend} ({jax.devices()[0].device_kind}) torch={torch.__version__} "
           f"device={device} threads={torch.get_num_threads() if device.type == 'cpu' else '-'}")
 

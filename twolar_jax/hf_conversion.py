@@ -4,6 +4,9 @@ transformers 5 has no Flax T5, so we read and write its files directly (MaxText'
 pattern): `config.json` plus `model.safetensors`, a sharded `model.safetensors.index.json`, or a
 `pytorch_model.bin` (that one needs torch). Exported directories load with
 `transformers.T5ForConditionalGeneration.from_pretrained`; HF -> ours -> HF is bit-exact.
+
+The table knows only the unrolled layer names (`encoder/layers_<i>/...`): a config with scan_layers
+converts through them (`model.scan`), so a scanned model exports the same bytes as an unrolled one.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from flax import traverse_util
 
 from twolar_jax.errors import CheckpointError, MissingFileError
 from twolar_jax.model.config import T5Config
+from twolar_jax.model.scan import match_layout
 from twolar_jax.resources import SPIECE_MODEL
 
 TensorMap = dict[str, np.ndarray]
@@ -73,7 +77,7 @@ def _norm(ours: str, hf: str, c: T5Config) -> Rule:
 
 
 def name_table(c: T5Config) -> list[Rule]:
-    """Every parameter of our tree and its HF counterpart, in a stable order."""
+    """Every parameter of our (unrolled) tree and its HF counterpart, in a stable order."""
     rules = [Rule("token_embedder/embedding", "shared.weight", _identity, _identity, (c.vocab_size, c.d_model))]
     for stack, bidir in (("encoder", True), ("decoder", False)):
         rules.append(Rule(f"{stack}/relpos_bias/rel_embedding",
@@ -159,7 +163,9 @@ def read_hf_config(path: str | os.PathLike) -> T5Config:
 
 
 def hf_to_params(tensors: Mapping[str, np.ndarray], config: T5Config, *, source: str = "checkpoint") -> dict:
-    """Map HF tensors onto our tree; any missing, extra or misshapen tensor is an error that names it."""
+    """Map HF tensors onto our tree; any missing, extra or misshapen tensor is an error that names it.
+
+    The tree is scanned (layers stacked) when config.scan_layers is set, unrolled otherwise."""
     flat: dict[str, np.ndarray] = {}
     used = set()
     for rule in name_table(config):
@@ -183,10 +189,12 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: T5Config, *, source:
             continue
         raise CheckpointError(f"{source}: unexpected tensor {key} (shape {tuple(np.shape(tensors[key]))}) "
                               "that the T5 config does not account for")
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return match_layout(traverse_util.unflatten_dict(flat, sep="/"), config)
 
 
 def params_to_hf(params: Any, config: T5Config, dtype: str = "float32") -> TensorMap:
+    """HF tensors of a scanned or unrolled tree (its form is read from the tree, not the config)."""
+    params = match_layout(params, config.replace(scan_layers=False))
     flat = traverse_util.flatten_dict(params, sep="/")
     out: TensorMap = {}
     for rule in name_table(config):
@@ -209,9 +217,10 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def load_hf_checkpoint(path: str | os.PathLike) -> tuple[T5Config, dict]:
-    """(config, fp32 params) from a local HF T5 directory."""
-    config = read_hf_config(path)
+def load_hf_checkpoint(path: str | os.PathLike, *, scan_layers: bool = False) -> tuple[T5Config, dict]:
+    """(config, fp32 params) from a local HF T5 directory; scan_layers=True gives a scanned config and tree
+    (config.json has no such field, so the caller says which form it runs)."""
+    config = read_hf_config(path).replace(scan_layers=scan_layers)
     return config, hf_to_params(read_hf_tensors(path), config, source=str(path))
 
 

@@ -59,11 +59,20 @@ def make_schedule(
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def _is_matrix(path: tuple, param: Any) -> bool:
+    """At least 2-D per layer: under a scanned stack (`<stack>/layers`, T5Config.scan_layers) every leaf
+    carries one extra leading axis, which must not turn a layer-norm scale into a "matrix"."""
+    from twolar_jax.model.scan import SCANNED_NAME
+
+    stacked = any(getattr(key, "key", None) == SCANNED_NAME for key in path)
+    return param.ndim - int(stacked) >= 2
+
+
 def _decay_mask(kind: str) -> Callable[[Any], Any] | None:
     if kind == "all":
         return None  # TWOLAR (torch AdamW over model.parameters()) decays every parameter
     if kind == "matrices":
-        return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+        return lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
     raise OptionError(f"weight_decay_mask={kind!r}: expected one of {DECAY_MASKS}")
 
 

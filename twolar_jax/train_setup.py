@@ -102,14 +102,15 @@ def prepare(*, config: T5Config, total_steps: int, optimizer: OptimizerConfig, s
 
 
 def _runtime_fields(config: T5Config) -> dict[str, Any]:
-    """Fields a run may set differently from the checkpoint it starts from."""
-    return {"dtype": config.dtype, "remat": config.remat, "dropout_rate": config.dropout_rate}
+    """Fields a run may set differently from the checkpoint it starts from (how it computes, not what)."""
+    return {"dtype": config.dtype, "remat": config.remat, "dropout_rate": config.dropout_rate,
+            "attention": config.attention, "scan_layers": config.scan_layers}
 
 
 def _from_hf(setup: RunSetup, init_checkpoint: str) -> TrainState:
     from twolar_jax.hf_conversion import load_hf_checkpoint
 
-    ckpt_config, params = load_hf_checkpoint(init_checkpoint)
+    ckpt_config, params = load_hf_checkpoint(init_checkpoint, scan_layers=setup.config.scan_layers)
     if ckpt_config.replace(**_runtime_fields(setup.config)) != setup.config:
         raise CheckpointError(f"train.init_checkpoint={init_checkpoint}: its config {ckpt_config} does not match "
                               f"the model {setup.config}")

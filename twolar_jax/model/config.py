@@ -6,6 +6,10 @@ from typing import Any, Mapping
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# How the attention core is computed (`network.resolve_attention` turns "auto" into one of the others).
+ATTENTION_KINDS = ("auto", "rows", "einsum", "dot_product")
+# Values of the field this one replaced (`attention_loop`), for model_config.json files written before.
+_LEGACY_ATTENTION_LOOP = {"auto": "auto", "rows": "rows", "batched": "einsum"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +31,14 @@ class T5Config:
     tie_word_embeddings: bool = False
     dtype: str = "float32"
     remat: bool = False
-    # The attention core's loop: "rows" (one sequence at a time, cache-friendly on CPU), "batched", or
-    # "auto" (rows on CPU, batched on accelerators). Same arithmetic either way.
-    attention_loop: str = "auto"
+    # The attention core: "rows" (one sequence at a time under lax.map, cache-friendly on CPU), "einsum"
+    # (one batched einsum-softmax-einsum), "dot_product" (jax.nn.dot_product_attention), or "auto" (rows
+    # on CPU, dot_product on GPU, einsum on TPU). Same arithmetic every way; see network.resolve_attention.
+    attention: str = "auto"
+    # Encoder/decoder layers under nn.scan (t5x/MaxText `scan_layers`): parameters stacked on a leading
+    # 'layers' axis under <stack>/layers instead of <stack>/layers_<i>; model.scan converts between the two.
+    # Faster to compile for deep models; the same numbers either way.
+    scan_layers: bool = False
     decoder_start_token_id: int = 0
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -37,8 +46,10 @@ class T5Config:
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in FEED_FORWARD_KINDS:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected one of {FEED_FORWARD_KINDS}")
-        if self.attention_loop not in ("auto", "rows", "batched"):
-            raise ValueError(f"T5Config.attention_loop={self.attention_loop!r}: expected auto, rows or batched")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"T5Config.attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"T5Config.scan_layers={self.scan_layers!r}: expected True or False")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"T5Config.dtype={self.dtype!r}: expected one of {COMPUTE_DTYPES}")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
@@ -59,6 +70,13 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "T5Config":
+        """The inverse of to_dict; also reads the `attention_loop` field of older model_config.json files."""
+        values = dict(values)
+        if "attention_loop" in values:
+            legacy = values.pop("attention_loop")
+            if legacy not in _LEGACY_ATTENTION_LOOP:
+                raise ValueError(f"T5Config.attention_loop={legacy!r}: expected auto, rows or batched")
+            values.setdefault("attention", _LEGACY_ATTENTION_LOOP[legacy])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
