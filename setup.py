@@ -1,5 +1,37 @@
-"""TWOLAR-JAX: distil LLM rankings into small T5 rerankers, JAX/TPU first."""
+"""TWOLAR-JAX: distil LLM rankings into small T5 rerankers, JAX/TPU first.
+
+`pip install .` builds a wheel that runs from any directory: besides the packages it carries the gin
+files (gin/, kept at the top of the checkout and never a Python package) and the demo's data (the
+SciFact files under data/beir/scifact with data/README.md, their licence notes) as package data under
+twolar_jax/_packaged/, where twolar_jax.resources finds them.
+"""
+import shutil
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+# What the wheel ships under twolar_jax/_packaged/: every gin file, and the demo's data with its notes.
+PACKAGED = {
+    "gin": ["**/*.gin"],
+    "data": ["README.md", "beir/scifact/corpus.jsonl", "beir/scifact/queries.jsonl", "beir/scifact/qrels/test.tsv",
+             "beir/scifact/train_claims.jsonl"],
+}
+
+
+class BuildWithResources(build_py):
+    """build_py that also copies the gin files and the demo data into twolar_jax/_packaged/."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "twolar_jax" / "_packaged"
+        for folder, patterns in PACKAGED.items():
+            for pattern in patterns:
+                for source in sorted((ROOT / folder).glob(pattern)):
+                    dest = target / folder / source.relative_to(ROOT / folder)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, dest)
 
 CORE = [
     "jax==0.10.2",
@@ -47,11 +79,14 @@ setup(
     packages=[
         "twolar_jax",
         "twolar_jax.model",
+        "retrieval",
         "data_pipeline",
+        "data_pipeline.set_builder",
+        "data_pipeline.seqio_input",
         "eval",
     ],
-    package_data={"twolar_jax": ["gin/**/*.gin", "assets/*"], "eval": ["*.yaml"]},
-    include_package_data=True,
+    package_data={"twolar_jax": ["assets/*"], "eval": ["*.yaml"]},
+    cmdclass={"build_py": BuildWithResources},
     install_requires=CORE,
     extras_require={
         "data": DATA,

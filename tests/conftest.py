@@ -29,3 +29,28 @@ def spiece_path() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return REPO / "data"
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory) -> dict:
+    """The project built as a wheel and installed with --no-deps into a temporary target, as a user would.
+
+    Returns {"site": target dir, "env": an environment whose PYTHONPATH puts the wheel's copy first,
+    "cwd": an empty directory to run from}. The editable install of the checkout stays in the venv but its
+    finder comes after PYTHONPATH, so every import resolves to the installed wheel (the tests check it).
+    """
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("wheel")
+    dist, site, cwd = root / "dist", root / "site", root / "cwd"
+    cwd.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
+                   check=True, cwd=cwd, capture_output=True, text=True)
+    wheels = sorted(dist.glob("twolar_jax-*.whl"))
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheels[-1])],
+                   check=True, cwd=cwd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(site)
+    return {"site": site, "env": env, "cwd": cwd, "wheel": wheels[-1]}

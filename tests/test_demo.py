@@ -1,6 +1,6 @@
-"""The embedded default end to end (`python -m twolar_jax.demo --quick`), as a user runs it."""
+"""The embedded default end to end (`python -m twolar_jax.demo --quick`), as a user runs it: from the
+installed wheel, in an empty directory, on one CPU device."""
 import json
-import os
 import subprocess
 import sys
 
@@ -28,13 +28,12 @@ def test_scorer_adapter_groups_consecutive_queries():
 
 @pytest.mark.slow
 @pytest.mark.bm25
-def test_demo_quick_end_to_end_and_resume(tmp_path):
+def test_demo_quick_end_to_end_and_resume(tmp_path, installed_wheel):
     out = tmp_path / "demo"
     # As a user runs it: one CPU device (not the 8 simulated ones conftest gives this process).
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONUNBUFFERED"] = "1"
+    env = {**installed_wheel["env"], "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "twolar_jax.demo", "--quick", "--output_dir", str(out)]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd, env=env, cwd=installed_wheel["cwd"], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == set(SYSTEMS)
@@ -51,7 +50,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert len(train_lines) == 60
     assert "nDCG@10" in first.stdout and "student after distillation" in first.stdout
     # A re-run skips every finished stage and prints the same table.
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, env=env, cwd=installed_wheel["cwd"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in ("build", "train", "eval"):
         assert f"[demo] {stage}: already done" in second.stdout
