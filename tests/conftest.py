@@ -39,14 +39,18 @@ def installed_wheel(tmp_path_factory) -> dict:
     "cwd": an empty directory to run from}. The editable install of the checkout stays in the venv but its
     finder comes after PYTHONPATH, so every import resolves to the installed wheel (the tests check it).
     """
+    import shutil
     import subprocess
     import sys
 
     root = tmp_path_factory.mktemp("wheel")
-    dist, site, cwd = root / "dist", root / "site", root / "cwd"
+    src, dist, site, cwd = root / "src", root / "dist", root / "site", root / "cwd"
     cwd.mkdir()
+    # Build from a clean copy: an in-tree build/ folder could carry stale modules into the wheel.
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                             "runs", ".pytest_cache", ".whl"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
                    check=True, cwd=cwd, capture_output=True, text=True)
     wheels = sorted(dist.glob("twolar_jax-*.whl"))
     subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheels[-1])],

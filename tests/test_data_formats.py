@@ -1,6 +1,6 @@
 """The distillation JSONL and the TWOLAR / rank_llm readers: round trips and every bad input.
 
-No TensorFlow here (formats.py must stay importable without it; one test checks that)."""
+No TensorFlow here (distill_format.py must stay importable without it; one test checks that)."""
 from __future__ import annotations
 
 import json

@@ -46,7 +46,7 @@ def select_features(batch: Batch) -> dict[str, Any]:
 
 
 class BatchError(TwolarError, ValueError):
-    """A batch that does not match the trainer's feature contract."""
+    """A batch that does not match BATCH_FEATURES (names, ranks, dtypes, shapes)."""
 
 
 def validate_batch(
