@@ -47,8 +47,13 @@ def installed_wheel(tmp_path_factory) -> dict:
     src, dist, site, cwd = root / "src", root / "dist", root / "site", root / "cwd"
     cwd.mkdir()
     # Build from a clean copy: an in-tree build/ folder could carry stale modules into the wheel.
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                                             "runs", ".pytest_cache", ".whl"))
+    top_level = {".git", ".venv", "build", "runs", ".pytest_cache", ".whl"}
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if (Path(folder) == REPO and n in top_level) or n == "__pycache__"
+                or n.endswith(".egg-info")]
+
+    shutil.copytree(REPO, src, ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
                    check=True, cwd=cwd, capture_output=True, text=True)
