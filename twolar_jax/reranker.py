@@ -1,31 +1,34 @@
-"""The public reranking API: `Reranker.from_pretrained(path).rank(query, docs)`.
+"""The public reranking API: `Reranker.from_pretrained(path_or_hub_id).rank(query, docs)`.
 
-Pairs are tokenized on the host, grouped into a few fixed length buckets and padded to the batch size
-(a last partial batch to the next power of two), so jit compiles a handful of shapes however many
-documents come in; each batch is split over all local
-devices along a `data` mesh axis. Only the vocabulary entries a score head reads are computed.
+Pairs are tokenized on a background thread, grouped into a few fixed length buckets and padded to the
+batch size (a last partial batch to the next power of two), so jit compiles a handful of shapes however
+many documents come in; the device scores one batch while the next is assembled, and results are
+fetched a few batches behind dispatch (`scoring_runtime`). Parameters are laid out on a
+(data, fsdp, model) mesh by the training rules: replicated by default, fsdp or tensor parallel for
+models that do not fit one device. Only the vocabulary entries a score head reads are computed.
 """
 from __future__ import annotations
 
-import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from twolar_jax.errors import CheckpointError, MissingFileError, OptionError, check_choice
+from twolar_jax import partitioning, scoring_runtime
+from twolar_jax.errors import CheckpointError, OptionError, TwolarError, check_choice
 from twolar_jax.model.config import T5Config
-from twolar_jax.model.network import T5
-from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens, score_from_selected
-from twolar_jax.tokenizer import T5Tokenizer, check_encoding_options, encode_query_document
+from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens
+from twolar_jax.scoring_runtime import _score_batch  # noqa: F401  (tests count its compiled shapes)
+from twolar_jax.tokenizer import (DOCUMENT_MARKER, QUERY_PREFIX, SUFFIX, T5Tokenizer, assemble_pair,
+                                  check_encoding_options, encode_query_document)
 
 DTYPES = ("float32", "bfloat16")
+Pair = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -48,25 +51,69 @@ def default_length_buckets(max_length: int) -> tuple[int, ...]:
     return tuple(buckets + [max_length])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "head", "vocab_ids"))
-def _score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str,
-                 vocab_ids: tuple[int, ...]) -> jax.Array:
-    selected = T5(config).apply({"params": params}, tokens, vocab_ids=vocab_ids, method=T5.first_step_logits)
-    return score_from_selected(selected, head)
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise OptionError(f"{name}={value!r}: must be an integer >= 1")
+
+
+def check_options(*, score_head: str = "difference", dtype: str = "float32", batch_size: int = 32,
+                  max_length: int = 512, truncation: str = "document", length_buckets: Sequence[int] | None = None,
+                  devices: Sequence[jax.Device] | None = None, mesh_shape: Sequence[int] = (-1, 1, 1),
+                  logical_axis_rules: Any = None, compile_cache: bool = True, prefetch: int = 4,
+                  **_: Any) -> None:
+    """Every constructor option, checked without touching weights (from_pretrained calls it first)."""
+    check_head(score_head)
+    check_choice("dtype", dtype, DTYPES)
+    check_encoding_options(max_length=max_length, truncation=truncation)
+    _positive_int("batch_size", batch_size)
+    _positive_int("prefetch", prefetch)
+    if length_buckets is not None:
+        if isinstance(length_buckets, (str, bytes)) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in length_buckets):
+            raise OptionError(f"length_buckets={length_buckets!r}: expected positive integers")
+        if not length_buckets or max(length_buckets) < max_length:
+            raise OptionError(f"length_buckets {tuple(sorted(length_buckets))} must reach max_length={max_length}")
+    if devices is not None and not list(devices):
+        raise OptionError("devices=[]: need at least one device")
+    scoring_runtime.check_mesh_shape(mesh_shape, len(list(devices or jax.local_devices())))
+    scoring_runtime.check_rules(logical_axis_rules)
+    if not isinstance(compile_cache, bool):
+        raise OptionError(f"compile_cache={compile_cache!r}: expected True or False")
+
+
+def _check_docs(name: str, docs: Any) -> None:
+    """A str is a Sequence too: refuse it here rather than rank its characters."""
+    if isinstance(docs, (str, bytes)) or not (hasattr(docs, "__len__") and hasattr(docs, "__getitem__")):
+        raise TypeError(f"{name} must be a sequence of strings (a list), not {type(docs).__name__}")
+
+
+def _check_top_k(top_k: Any) -> None:
+    if top_k is not None:
+        _positive_int("top_k", top_k)
 
 
 class Reranker:
-    """A T5 cross-encoder scoring `Query: q Document: d Relevant:` on the first decoder step."""
+    """A T5 cross-encoder scoring `Query: q Document: d Relevant:` on the first decoder step.
+
+    mesh_shape: (data, fsdp, model) sizes over `devices` (default: all local devices), one may be -1;
+    (-1, 1, 1) replicates the parameters, (1, -1, 1) shards them fsdp, (1, 2, 4) adds tensor parallelism.
+    logical_axis_rules: the rule table mapping the model's logical axes onto those mesh axes (default:
+    gin/mesh/rules.gin, the training table). compile_cache: use the persistent compilation cache.
+    prefetch: how many assembled batches the tokenizer thread may run ahead of the device.
+    """
 
     def __init__(self, config: T5Config, params: Any, *, tokenizer: T5Tokenizer | None = None,
                  score_head: str = "difference", dtype: str = "float32", batch_size: int = 32, max_length: int = 512,
                  truncation: str = "document", length_buckets: Sequence[int] | None = None,
-                 devices: Sequence[jax.Device] | None = None) -> None:
-        check_head(score_head)
-        check_choice("dtype", dtype, DTYPES)
-        check_encoding_options(max_length=max_length, truncation=truncation)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise OptionError(f"batch_size={batch_size!r}: must be an integer >= 1")
+                 devices: Sequence[jax.Device] | None = None, mesh_shape: Sequence[int] = (-1, 1, 1),
+                 logical_axis_rules: Sequence[tuple[str, Any]] | None = None, compile_cache: bool = True,
+                 prefetch: int = 4) -> None:
+        check_options(score_head=score_head, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                      truncation=truncation, length_buckets=length_buckets, devices=devices, mesh_shape=mesh_shape,
+                      logical_axis_rules=logical_axis_rules, compile_cache=compile_cache, prefetch=prefetch)
+        if compile_cache:
+            from twolar_jax.compile_cache import enable_compilation_cache
+            enable_compilation_cache()
         self.tokenizer = tokenizer or T5Tokenizer()
         if self.tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model only {config.vocab_size}")
@@ -76,18 +123,16 @@ class Reranker:
         self.vocab_ids = head_vocab_ids(score_head, self.score_tokens)
         self.max_length = max_length
         self.truncation = truncation
-        self.length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
-        if self.length_buckets[-1] < max_length:
-            raise OptionError(f"length_buckets {self.length_buckets} must reach max_length={max_length}")
+        self.length_buckets = tuple(sorted(set(length_buckets or default_length_buckets(max_length))))
+        self.prefetch = prefetch
         self.devices = list(devices or jax.local_devices())
-        self.mesh = Mesh(np.array(self.devices), ("data",))
-        # Round the batch up so every device gets the same number of rows.
-        n = len(self.devices)
-        self.batch_size = -(-batch_size // n) * n
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data", None))
-        cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.tree.map(lambda x: jax.device_put(jnp.asarray(x, cast), replicated), params)
+        self.rules = scoring_runtime.check_rules(logical_axis_rules)
+        self.mesh = scoring_runtime.build_mesh(mesh_shape, self.devices)
+        self.parallelism = scoring_runtime.batch_parallelism(self.mesh, self.rules)
+        # Round the batch up so every batch shard gets the same number of rows.
+        self.batch_size = scoring_runtime.round_batch_size(batch_size, self.parallelism)
+        self._batch_sharding = NamedSharding(self.mesh, partitioning.batch_spec(2, self.rules))
+        self.params = scoring_runtime.place_params(params, self.config, self.mesh, self.rules)
 
     # --- construction ----------------------------------------------------------------------------
     @classmethod
@@ -95,17 +140,22 @@ class Reranker:
         return cls(config, params, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "Reranker":
-        """An HF T5 directory (config.json + weights) or one of our training MODEL_DIRs (model_config.json)."""
-        path = Path(path)
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, step: int | None = None,
+                        **kwargs: Any) -> "Reranker":
+        """An HF T5 directory (config.json + weights), one of our training MODEL_DIRs (model_config.json),
+        or a Hugging Face hub id ("castorini/monot5-base-msmarco": the HF cache, downloaded unless
+        HF_HUB_OFFLINE=1). Options are checked before any weights are read."""
+        inspect.signature(cls).bind(None, None, **kwargs)  # an unknown option is a TypeError now, not later
+        check_options(**kwargs)
+        from twolar_jax.hub import resolve_checkpoint
+        path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
         if (path / "config.json").exists():
             from twolar_jax.hf_conversion import load_hf_checkpoint
             config, params = load_hf_checkpoint(path)
         elif (path / "model_config.json").exists():
             from twolar_jax.checkpointing import load_inference_params
-            config, params = load_inference_params(path, step=kwargs.pop("step", None))
-        elif not path.exists():
-            raise MissingFileError(f"{path}: no such checkpoint directory")
+            config, params = load_inference_params(path, step=step)
         else:
             raise CheckpointError(f"{path}: neither an HF T5 dir (config.json) nor a TWOLAR-JAX model dir "
                                   "(model_config.json)")
@@ -113,66 +163,109 @@ class Reranker:
             kwargs["tokenizer"] = T5Tokenizer(path / "spiece.model")
         return cls(config, params, **kwargs)
 
-    # --- scoring ---------------------------------------------------------------------------------
+    # --- tokenization ----------------------------------------------------------------------------
     def encode_pairs(self, queries: Sequence[str], docs: Sequence[str]) -> list[list[int]]:
-        return [encode_query_document(self.tokenizer, q, d, max_length=self.max_length, truncation=self.truncation)
-                for q, d in zip(queries, docs)]
+        return list(self._encode(zip(queries, docs)))
 
-    def score_pairs(self, queries: Sequence[str], docs: Sequence[str]) -> np.ndarray:
-        """fp32 scores of (query, doc) pairs, in input order."""
-        if len(queries) != len(docs):
-            raise ValueError(f"score_pairs: {len(queries)} queries but {len(docs)} docs")
-        for i, (q, d) in enumerate(zip(queries, docs)):
-            if not isinstance(q, str) or not isinstance(d, str):
-                raise TypeError(f"score_pairs: pair {i} is ({type(q).__name__}, {type(d).__name__}), expected strings")
-        return self.score_token_ids(self.encode_pairs(queries, docs))
+    def _encode(self, pairs: Iterable[Pair]) -> Iterator[list[int]]:
+        """Token ids per pair (the same as encode_query_document); the query part is encoded once per run
+        of equal queries. Errors name the pair's index."""
+        cached_query, prefix = None, []
+        suffix = self.tokenizer.encode(SUFFIX)
+        for i, (query, doc) in enumerate(pairs):
+            try:
+                if self.truncation != "document":
+                    yield encode_query_document(self.tokenizer, query, doc, max_length=self.max_length,
+                                                truncation=self.truncation)
+                    continue
+                if query != cached_query:
+                    prefix, cached_query = self.tokenizer.encode(QUERY_PREFIX + query + DOCUMENT_MARKER), query
+                yield assemble_pair(list(prefix), self.tokenizer.encode(doc), suffix, max_length=self.max_length,
+                                    eos_id=self.tokenizer.eos_id)
+            except TwolarError as e:
+                raise OptionError(f"pair {i} (query {_short(query)}, document {_short(doc)}): {e}") from None
 
-    def score_token_ids(self, encoded: Sequence[Sequence[int]]) -> np.ndarray:
+    # --- scoring ---------------------------------------------------------------------------------
+    def score_pairs(self, queries: Sequence[str] | Sequence[Pair], docs: Sequence[str] | None = None, *,
+                    show_progress: bool = False) -> np.ndarray:
+        """fp32 scores of (query, doc) pairs, in input order: `score_pairs(queries, docs)` or
+        `score_pairs([(query, doc), ...])`."""
+        pairs = _as_pairs(queries, docs)
+        (scores,) = self._stream(self._group_items(0, self._encode(pairs)), show_progress=show_progress)
+        return scores
+
+    def score_groups(self, groups: Iterable[Sequence[Pair]], *, show_progress: bool = False) -> Iterator[np.ndarray]:
+        """Scores of each group of (query, doc) pairs, yielded in order as soon as a group is scored.
+
+        One stream for many groups keeps the device busy across group boundaries: later groups are
+        tokenized while earlier ones are scored, and each group's scores equal `score_pairs` on it alone.
+        `groups` is read on a background thread; close the iterator (or exhaust it) to stop that thread.
+        """
+        def items():
+            for g, group in enumerate(groups):
+                try:
+                    yield from self._group_items(g, self._encode(_as_pairs(group, None)))
+                except (OptionError, TypeError) as e:
+                    raise type(e)(f"score_groups: group {g}: {e}") from None
+
+        return self._stream(items(), show_progress=show_progress)
+
+    def score_token_ids(self, encoded: Sequence[Sequence[int]], *, show_progress: bool = False) -> np.ndarray:
         """fp32 scores of already-tokenized inputs (each ending in EOS), in input order."""
-        scores = np.zeros(len(encoded), np.float32)
         if not encoded:
-            return scores
+            return np.zeros(0, np.float32)
         lengths = np.array([len(ids) for ids in encoded])
         if lengths.max() > self.length_buckets[-1]:
             raise ValueError(f"input {int(lengths.argmax())} has {lengths.max()} tokens, more than the longest "
                              f"length bucket {self.length_buckets[-1]}")
         for i, ids in enumerate(encoded):
-            if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
+            if len(ids) and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
                 bad = max(ids) if max(ids) >= self.config.vocab_size else min(ids)
                 raise ValueError(f"input {i}: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        bucket_of = np.searchsorted(np.array(self.length_buckets), lengths)
-        for b, bucket_len in enumerate(self.length_buckets):
-            members = np.flatnonzero(bucket_of == b)
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                tokens = np.zeros((self._rows_for(len(chunk)), bucket_len), np.int32)
-                for row, idx in enumerate(chunk):
-                    tokens[row, : lengths[idx]] = encoded[idx]
-                batch = jax.device_put(tokens, self._batch_sharding)
-                out = _score_batch(self.params, batch, config=self.config, head=self.score_head,
-                                   vocab_ids=self.vocab_ids)
-                scores[chunk] = np.asarray(out)[: len(chunk)]
+        (scores,) = self._stream(self._group_items(0, encoded), show_progress=show_progress)
         return scores
 
+    def _group_items(self, group: int, encoded: Iterable[Sequence[int]]):
+        return scoring_runtime.group_batches(group, encoded, buckets=self.length_buckets, batch_size=self.batch_size,
+                                             parallelism=self.parallelism)
+
+    def _dispatch(self, tokens: np.ndarray) -> jax.Array:
+        batch = jax.device_put(tokens, self._batch_sharding)
+        with partitioning.activation_context(self.mesh, self.rules):
+            return _score_batch(self.params, batch, config=self.config, head=self.score_head,
+                                vocab_ids=self.vocab_ids, rules=self.rules)
+
+    def _stream(self, items: Iterable, *, show_progress: bool) -> Iterator[np.ndarray]:
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+            bar = tqdm(desc="score", unit="pair")
+        try:
+            yield from scoring_runtime.stream_scores(items, self._dispatch, prefetch=self.prefetch,
+                                                     on_scored=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
     def _rows_for(self, n: int) -> int:
-        """Rows of a batch holding n pairs: the full batch, or for a last partial batch the next power of
-        two (a multiple of the device count), so padding stays under 2x with a handful of shapes."""
-        devices = len(self.devices)
-        rows = devices
-        while rows < n:
-            rows *= 2
-        return min(rows, self.batch_size)
+        """Rows of a batch holding n pairs (see scoring_runtime.rows_for)."""
+        return scoring_runtime.rows_for(n, batch_size=self.batch_size, parallelism=self.parallelism)
 
     def rank(self, query: str, docs: Sequence[str], doc_ids: Sequence[str] | None = None,
-             top_k: int | None = None) -> list[RankedDoc]:
+             top_k: int | None = None, *, show_progress: bool = False) -> list[RankedDoc]:
         """Docs sorted by score, best first; ties keep input order (deterministic)."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, not {type(query).__name__}")
+        _check_docs("docs", docs)
+        _check_top_k(top_k)
         if doc_ids is None:
             doc_ids = [str(i) for i in range(len(docs))]
+        _check_docs("doc_ids", doc_ids)
         if len(doc_ids) != len(docs):
             raise ValueError(f"rank: {len(docs)} docs but {len(doc_ids)} doc_ids")
         if not docs:
             return []
-        scores = self.score_pairs([query] * len(docs), docs)
+        scores = self.score_pairs([query] * len(docs), docs, show_progress=show_progress)
         order = np.lexsort((np.arange(len(docs)), -scores.astype(np.float64)))
         if top_k is not None:
             order = order[:top_k]
@@ -180,4 +273,31 @@ class Reranker:
 
     def describe(self) -> str:
         return json.dumps({"score": self.score_head, "dtype": self.config.dtype, "batch_size": self.batch_size,
-                           "max_length": self.max_length, "devices": len(self.devices)})
+                           "max_length": self.max_length, "devices": len(self.devices),
+                           "mesh": partitioning.mesh_shape_str(self.mesh)})
+
+
+def _short(text: Any, n: int = 40) -> str:
+    text = repr(text)
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _as_pairs(queries: Any, docs: Any) -> list[Pair]:
+    """(queries, docs) or a sequence of (query, doc) pairs, as checked pairs of strings."""
+    if docs is None:
+        _check_docs("pairs", queries)
+        pairs = []
+        for i, pair in enumerate(queries):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"score_pairs: pair {i} is {_short(pair)}, expected a (query, doc) tuple")
+            pairs.append(tuple(pair))
+    else:
+        _check_docs("queries", queries)
+        _check_docs("docs", docs)
+        if len(queries) != len(docs):
+            raise ValueError(f"score_pairs: {len(queries)} queries but {len(docs)} docs")
+        pairs = list(zip(queries, docs))
+    for i, (q, d) in enumerate(pairs):
+        if not isinstance(q, str) or not isinstance(d, str):
+            raise TypeError(f"score_pairs: pair {i} is ({type(q).__name__}, {type(d).__name__}), expected strings")
+    return pairs

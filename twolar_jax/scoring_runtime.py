@@ -1,0 +1,231 @@
+"""The Reranker's device side: a mesh, parameters laid out by the training rules, and a scoring stream.
+
+Parameters are placed with the same logical-axis rules as training (`partitioning`), so a model that
+does not fit one device is scored fsdp- or tensor-parallel by changing only the mesh shape; batches
+split over the rule table's batch axes. Scoring is a stream: a background thread tokenizes and
+assembles length-bucketed batches (`group_batches`), the caller's thread dispatches them and fetches
+each result only a few batches later (`stream_scores`), so the host never waits on the device between
+batches. Batch membership is the same as one synchronous pass over each group, so scores are too.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from twolar_jax import partitioning
+from twolar_jax.errors import CheckpointError, OptionError
+from twolar_jax.model.config import T5Config
+from twolar_jax.model.network import T5, logical_axes
+from twolar_jax.prefetch import EMPTY, BackgroundIterator
+from twolar_jax.scoring import score_from_selected
+
+DEFAULT_MESH_SHAPE = (-1, 1, 1)  # replicated parameters, batches split over every device
+_POLL_S = 0.005  # how long the dispatcher waits for the next batch before checking finished results
+
+
+# ----------------------------------------------------------------------------------------- mesh
+def check_mesh_shape(mesh_shape: Any, num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, model) with at most one -1, filled for `num_devices`; errors name `mesh_shape`."""
+    names = partitioning.MESH_AXES
+    if (isinstance(mesh_shape, (str, bytes)) or not isinstance(mesh_shape, Sequence) or len(mesh_shape) != len(names)
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in mesh_shape)):
+        raise OptionError(f"mesh_shape={mesh_shape!r}: expected {len(names)} integers {names}, one may be -1")
+    try:
+        return partitioning.fill_mesh_shape(mesh_shape, num_devices)
+    except OptionError as e:
+        raise OptionError(f"mesh_shape={tuple(mesh_shape)!r}: {e}") from None
+
+
+def check_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
+    """The rule table (default: gin/mesh/rules.gin), checked to name only mesh axes that exist."""
+    if rules is None:
+        return partitioning.load_logical_axis_rules()
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise OptionError(f"logical_axis_rules={rules!r}: expected a sequence of (logical_name, mesh_axes)")
+    try:
+        rules = partitioning.normalize_rules(rules)
+    except OptionError as e:
+        raise OptionError(f"logical_axis_rules: {e}") from None
+    for name, target in rules:
+        unknown = [a for a in partitioning._mesh_axes_of(target) if a not in partitioning.MESH_AXES]
+        if unknown:
+            raise OptionError(f"logical_axis_rules: rule ({name!r}, {target!r}) names mesh axes {unknown}; "
+                              f"the mesh has {partitioning.MESH_AXES}")
+    return rules
+
+
+def build_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device]) -> Mesh:
+    return partitioning.make_mesh(check_mesh_shape(mesh_shape, len(devices)), devices=devices)
+
+
+def place_params(params: Any, config: T5Config, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """Cast to the config's dtype and lay out each parameter by its logical axes (host -> shards directly)."""
+    cast = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    try:
+        shardings = partitioning.tree_shardings(logical_axes(config), params, mesh, rules)
+    except ValueError as e:
+        raise CheckpointError(f"parameters do not match the model config's parameter tree: {e}") from None
+
+    def put(x: Any, sharding: NamedSharding) -> jax.Array:
+        x = x.astype(cast) if isinstance(x, jax.Array) else np.asarray(x).astype(cast)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, params, shardings)
+
+
+def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
+    """Bytes each device holds of a placed pytree, from its arrays' addressable shards."""
+    out: dict[jax.Device, int] = collections.defaultdict(int)
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] += shard.data.nbytes
+    return dict(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "head", "vocab_ids", "rules"))
+def _score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str, vocab_ids: tuple[int, ...],
+                 rules: tuple = ()) -> jax.Array:
+    """Scores of one batch. `rules` is static only so that Rerankers with different rule tables do not
+    share a trace: the rules themselves are in scope through `partitioning.activation_context`."""
+    del rules
+    selected = T5(config).apply({"params": params}, tokens, vocab_ids=vocab_ids, method=T5.first_step_logits)
+    return score_from_selected(selected, head)
+
+
+# -------------------------------------------------------------------------------------- batches
+@dataclass(frozen=True)
+class Batch:
+    """Rows `rows` of group `group`, padded to `tokens` (rows x bucket length, int32)."""
+
+    group: int
+    rows: np.ndarray
+    tokens: np.ndarray
+
+
+@dataclass(frozen=True)
+class GroupEnd:
+    group: int
+    size: int
+
+
+def rows_for(n: int, *, batch_size: int, parallelism: int) -> int:
+    """Rows of a batch holding n inputs: the full batch, or for a last partial batch the next power of
+    two times the batch parallelism, so padding stays under 2x with a handful of compiled shapes."""
+    rows = parallelism
+    while rows < n:
+        rows *= 2
+    return min(rows, batch_size)
+
+
+def group_batches(group: int, encoded: Iterable[Sequence[int]], *, buckets: Sequence[int], batch_size: int,
+                  parallelism: int) -> Iterator[Batch | GroupEnd]:
+    """Batches of one group as inputs arrive: an input joins the shortest bucket it fits, a bucket is
+    emitted when full and the partial ones at the end (the same members as sorting the whole group)."""
+    pending: list[list[tuple[int, Sequence[int]]]] = [[] for _ in buckets]
+
+    def emit(b: int) -> Batch:
+        members = pending[b]
+        tokens = np.zeros((rows_for(len(members), batch_size=batch_size, parallelism=parallelism), buckets[b]),
+                          np.int32)
+        for row, (_, ids) in enumerate(members):
+            tokens[row, :len(ids)] = ids
+        pending[b] = []
+        return Batch(group, np.array([i for i, _ in members], np.int64), tokens)
+
+    size = 0
+    for i, ids in enumerate(encoded):
+        b = bisect.bisect_left(buckets, len(ids))
+        if b == len(buckets):
+            raise ValueError(f"input {i} has {len(ids)} tokens, more than the longest length bucket {buckets[-1]}")
+        pending[b].append((i, ids))
+        size += 1
+        if len(pending[b]) == batch_size:
+            yield emit(b)
+    for b in range(len(buckets)):
+        if pending[b]:
+            yield emit(b)
+    yield GroupEnd(group, size)
+
+
+# --------------------------------------------------------------------------------------- stream
+class _Collector:
+    """Scores of the groups in flight; hands back whole groups in input order."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = collections.defaultdict(list)
+        self.outstanding: collections.Counter = collections.Counter()
+        self.sizes: dict[int, int] = {}
+        self.next_group = 0
+
+    def ready(self) -> Iterator[np.ndarray]:
+        while self.next_group in self.sizes and self.outstanding[self.next_group] == 0:
+            g = self.next_group
+            scores = np.zeros(self.sizes.pop(g), np.float32)
+            for rows, values in self.parts.pop(g, []):
+                scores[rows] = values
+            del self.outstanding[g]
+            self.next_group += 1
+            yield scores
+
+
+def stream_scores(items: Iterable[Batch | GroupEnd], dispatch: Callable[[np.ndarray], jax.Array], *,
+                  prefetch: int = 4, in_flight: int = 3,
+                  on_scored: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+    """fp32 scores per group, in group order. `items` runs on a background thread (`prefetch` items
+    ahead); up to `in_flight` dispatched batches are on the device before the oldest is fetched, and a
+    finished one is fetched as soon as it is ready."""
+    if not isinstance(in_flight, int) or in_flight < 1:
+        raise OptionError(f"in_flight={in_flight!r}: must be an integer >= 1")
+    collector = _Collector()
+    queue: collections.deque = collections.deque()  # (device scores, group, rows)
+
+    def fetch_oldest() -> None:
+        out, group, rows = queue.popleft()
+        collector.parts[group].append((rows, np.asarray(out)[:len(rows)]))
+        collector.outstanding[group] -= 1
+        if on_scored is not None:
+            on_scored(len(rows))
+
+    with BackgroundIterator(items, size=prefetch, name="twolar-score-prefetch") as source:
+        finished = False
+        while not finished or queue:
+            while queue and queue[0][0].is_ready():
+                fetch_oldest()
+            yield from collector.ready()
+            if finished or len(queue) >= in_flight:
+                if queue:
+                    fetch_oldest()
+                continue
+            try:
+                item = source.get(timeout=_POLL_S if queue else None)
+            except StopIteration:
+                finished = True
+                continue
+            if item is EMPTY:
+                continue
+            if isinstance(item, GroupEnd):
+                collector.sizes[item.group] = item.size
+                continue
+            out = dispatch(item.tokens)
+            out.copy_to_host_async()
+            queue.append((out, item.group, item.rows))
+            collector.outstanding[item.group] += 1
+        yield from collector.ready()
+
+
+def batch_parallelism(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
+    """How many ways a batch is split: its row count must be a multiple of this."""
+    return max(1, partitioning.batch_parallelism(mesh, rules))
+
+
+def round_batch_size(batch_size: int, parallelism: int) -> int:
+    return math.ceil(batch_size / parallelism) * parallelism
