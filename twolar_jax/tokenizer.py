@@ -49,10 +49,25 @@ class T5Tokenizer:
         """Token ids without EOS."""
         if not isinstance(text, str):
             raise TypeError(f"expected a str to tokenize, got {type(text).__name__}")
-        return self._sp.encode(text)
+        try:
+            return self._sp.encode(text)
+        except (RuntimeError, TypeError):  # sentencepiece's pybind cast fails on text that is not valid UTF-8
+            check_encodable(text)
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+        texts = list(texts)
+        try:
+            return self._sp.encode(texts)
+        except (RuntimeError, TypeError):
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise TypeError(f"text {i}: expected a str to tokenize, got {type(text).__name__}") from None
+                try:
+                    check_encodable(text)
+                except OptionError as e:
+                    raise OptionError(f"text {i}: {e}") from None
+            raise
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -76,6 +91,16 @@ class T5Tokenizer:
         if self.base_vocab_size <= token_id < self.vocab_size:
             return f"<extra_id_{self.vocab_size - 1 - token_id}>"
         return self._sp.id_to_piece(int(token_id))
+
+
+def check_encodable(text: str) -> None:
+    """Raise a one-line OptionError where `text` cannot be UTF-8 (a lone surrogate, e.g. from a bad decode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end]
+        raise OptionError(f"character {e.start} ({bad!r}) is a lone surrogate, not valid Unicode text; decode the "
+                          "input with errors='replace' (or drop such characters) before tokenizing") from None
 
 
 def assemble_pair(prefix: list[int], document: list[int], suffix: list[int], *, max_length: int,
