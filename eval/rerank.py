@@ -1,15 +1,18 @@
 """Rerank first-stage candidates with any object that has `score_pairs(queries, docs) -> float[N]`.
 
-That is `twolar_jax.reranker.Reranker`, which batches pairs over all local devices; the evaluation never
-touches the model otherwise. Pairs of many queries go in one call so device batches stay full. With
-`scores_path`, per-query scores are appended to a JSONL log (twolar_jax.durable_io: flushed and fsynced,
-a torn last line cut) and a restarted job skips the queries already there.
+That is `twolar_jax.reranker.Reranker`, which batches pairs over its device mesh; the evaluation never
+touches the model otherwise. Pairs of many queries go in one group (`pairs_per_call`) so device batches
+stay full, and a scorer with `score_groups` (the Reranker) scores all groups in one stream, tokenizing
+the next groups while the device works. With `scores_path`, each group's per-query scores are appended
+to a JSONL log as soon as they are known (twolar_jax.durable_io: flushed and fsynced, a torn last line
+cut) and a restarted job skips the queries already there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +37,41 @@ def _load_done(scores_path: Path, wanted: dict[str, RankRequest]) -> Run:
         if req is not None and isinstance(scores, dict) and set(scores) == {c.docid for c in req.candidates}:
             done[qid] = {d: float(v) for d, v in scores.items()}
     return done
+
+
+def _groups(pending: Sequence[RankRequest], pairs_per_call: int) -> list[list[RankRequest]]:
+    """Consecutive requests packed up to pairs_per_call pairs (a bigger request goes alone)."""
+    groups: list[list[RankRequest]] = []
+    size = 0
+    for r in pending:
+        if groups and size + len(r.candidates) <= pairs_per_call:
+            groups[-1].append(r)
+            size += len(r.candidates)
+        else:
+            groups.append([r])
+            size = len(r.candidates)
+    return groups
+
+
+def _score_groups(scorer: PairScorer, groups: Sequence[Sequence[RankRequest]]) -> Iterator[np.ndarray]:
+    """Scores per group: one streaming call when the scorer has `score_groups` (the Reranker: the next
+    groups are tokenized while the device scores this one), else one `score_pairs` call per group."""
+    if hasattr(scorer, "score_groups"):
+        pairs = ([(r.query, c.text) for r in group for c in r.candidates] for group in groups)
+        yield from scorer.score_groups(pairs)
+        return
+    for group in groups:
+        yield scorer.score_pairs([r.query for r in group for _ in r.candidates],
+                                 [c.text for r in group for c in r.candidates])
+
+
+def _checked_scores(scores: Any, n: int) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.shape[0] != n:
+        raise ValueError(f"scorer returned {scores.shape[0]} scores for {n} pairs")
+    if not np.all(np.isfinite(scores)):
+        raise FloatingPointError("scorer returned non-finite scores")
+    return scores
 
 
 def rerank(
@@ -63,24 +101,12 @@ def rerank(
         if not r.candidates:
             run[r.qid] = {}
     try:
+        groups = _groups(pending, pairs_per_call)
         total = sum(len(r.candidates) for r in pending)
-        with tqdm(total=total, desc=desc, unit="pair", disable=total == 0) as bar:
-            i = 0
-            while i < len(pending):
-                group = [pending[i]]
-                n = len(pending[i].candidates)
-                i += 1
-                while i < len(pending) and n + len(pending[i].candidates) <= pairs_per_call:
-                    group.append(pending[i])
-                    n += len(pending[i].candidates)
-                    i += 1
-                queries = [r.query for r in group for _ in r.candidates]
-                docs = [c.text for r in group for c in r.candidates]
-                scores = np.asarray(scorer.score_pairs(queries, docs), dtype=np.float64).reshape(-1)
-                if scores.shape[0] != len(docs):
-                    raise ValueError(f"scorer returned {scores.shape[0]} scores for {len(docs)} pairs")
-                if not np.all(np.isfinite(scores)):
-                    raise FloatingPointError("scorer returned non-finite scores")
+        with tqdm(total=total, desc=desc, unit="pair", disable=total == 0) as bar, \
+                contextlib.closing(_score_groups(scorer, groups)) as scored:
+            for group, scores in zip(groups, scored, strict=True):
+                scores = _checked_scores(scores, sum(len(r.candidates) for r in group))
                 offset = 0
                 for r in group:
                     m = len(r.candidates)
@@ -88,7 +114,7 @@ def rerank(
                     offset += m
                     if sink is not None:
                         sink.append({"qid": r.qid, "scores": run[r.qid]})
-                bar.update(len(docs))
+                bar.update(offset)
     finally:
         if sink is not None:
             sink.close()
