@@ -92,8 +92,9 @@ class BackgroundIterator(Generic[T]):
         return self.get()
 
     def close(self) -> None:
-        """Stop the producer and wait for its thread (idempotent)."""
+        """Stop the producer and wait for its thread (idempotent); the iterator is then exhausted."""
         self._stop.set()
+        self._finished = True
         while self._thread.is_alive():
             try:  # make room, so a producer blocked in put() sees the stop flag
                 while True:

@@ -24,7 +24,7 @@ from twolar_jax.errors import CheckpointError, OptionError, TwolarError, check_c
 from twolar_jax.model.config import T5Config
 from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens
 from twolar_jax.scoring_runtime import _score_batch  # noqa: F401  (tests count its compiled shapes)
-from twolar_jax.tokenizer import (DOCUMENT_MARKER, QUERY_PREFIX, SUFFIX, T5Tokenizer, assemble_pair,
+from twolar_jax.tokenizer import (DOCUMENT_MARKER, QUERY_PREFIX, SUFFIX, T5Tokenizer, assemble_pair, check_encodable,
                                   check_encoding_options, encode_query_document)
 
 DTYPES = ("float32", "bfloat16")
@@ -183,7 +183,7 @@ class Reranker:
                 yield assemble_pair(list(prefix), self.tokenizer.encode(doc), suffix, max_length=self.max_length,
                                     eos_id=self.tokenizer.eos_id)
             except TwolarError as e:
-                raise OptionError(f"pair {i} (query {_short(query)}, document {_short(doc)}): {e}") from None
+                raise OptionError(f"pair {i}: {_bad_text(query, doc, e)}") from None
 
     # --- scoring ---------------------------------------------------------------------------------
     def score_pairs(self, queries: Sequence[str] | Sequence[Pair], docs: Sequence[str] | None = None, *,
@@ -275,6 +275,16 @@ class Reranker:
         return json.dumps({"score": self.score_head, "dtype": self.config.dtype, "batch_size": self.batch_size,
                            "max_length": self.max_length, "devices": len(self.devices),
                            "mesh": partitioning.mesh_shape_str(self.mesh)})
+
+
+def _bad_text(query: str, doc: str, error: Exception) -> str:
+    """Which of the pair's texts the tokenizer refused, and why (positions within that text)."""
+    for name, text in (("query", query), ("document", doc)):
+        try:
+            check_encodable(text)
+        except OptionError as e:
+            return f"{name} {_short(text)}: {e}"
+    return f"query {_short(query)}, document {_short(doc)}: {error}"
 
 
 def _short(text: Any, n: int = 40) -> str:

@@ -182,7 +182,8 @@ def stream_scores(items: Iterable[Batch | GroupEnd], dispatch: Callable[[np.ndar
                   on_scored: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
     """fp32 scores per group, in group order. `items` runs on a background thread (`prefetch` items
     ahead); up to `in_flight` dispatched batches are on the device before the oldest is fetched, and a
-    finished one is fetched as soon as it is ready."""
+    finished one is fetched as soon as it is ready. When `items` fails, the groups completed before the
+    failure are yielded first, then its exception is raised."""
     if not isinstance(in_flight, int) or in_flight < 1:
         raise OptionError(f"in_flight={in_flight!r}: must be an integer >= 1")
     collector = _Collector()
@@ -196,7 +197,7 @@ def stream_scores(items: Iterable[Batch | GroupEnd], dispatch: Callable[[np.ndar
             on_scored(len(rows))
 
     with BackgroundIterator(items, size=prefetch, name="twolar-score-prefetch") as source:
-        finished = False
+        finished, error = False, None
         while not finished or queue:
             while queue and queue[0][0].is_ready():
                 fetch_oldest()
@@ -210,6 +211,9 @@ def stream_scores(items: Iterable[Batch | GroupEnd], dispatch: Callable[[np.ndar
             except StopIteration:
                 finished = True
                 continue
+            except Exception as e:  # noqa: BLE001 - groups finished before the failure still come out first
+                finished, error = True, e
+                continue
             if item is EMPTY:
                 continue
             if isinstance(item, GroupEnd):
@@ -220,6 +224,8 @@ def stream_scores(items: Iterable[Batch | GroupEnd], dispatch: Callable[[np.ndar
             queue.append((out, item.group, item.rows))
             collector.outstanding[item.group] += 1
         yield from collector.ready()
+        if error is not None:
+            raise error
 
 
 def batch_parallelism(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
