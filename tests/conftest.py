@@ -7,6 +7,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The persistent compilation cache (on by default in the Reranker and the CLIs) goes to one folder per test
+# session, shared with the subprocesses the tests start, never to the user's ~/.cache.
+os.environ.setdefault("TWOLAR_COMPILE_CACHE", os.path.join(__import__("tempfile").gettempdir(),
+                                                           f"twolar-test-compile-cache-{os.getpid()}"))
 
 from pathlib import Path  # noqa: E402
 
