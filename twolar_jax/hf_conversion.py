@@ -4,6 +4,9 @@ transformers 5 has no Flax T5, so we read and write its files directly (MaxText'
 pattern): `config.json` plus `model.safetensors`, a sharded `model.safetensors.index.json`, or a
 `pytorch_model.bin` (that one needs torch). Exported directories load with
 `transformers.T5ForConditionalGeneration.from_pretrained`; HF -> ours -> HF is bit-exact.
+config.json is read as transformers 5 reads it (T5Config.from_hf_dict: `scale_decoder_outputs`,
+`dense_act_fn`, `is_gated_act`, and the keys older versions wrote); tied or untied comes from the
+tensors (lm_head_is_tied), since transformers 5 writes tie_word_embeddings=true for every T5.
 
 The table knows only the unrolled layer names (`encoder/layers_<i>/...`): a config with scan_layers
 converts through them (`model.scan`), so a scanned model exports the same bytes as an unrolled one.
@@ -11,6 +14,7 @@ converts through them (`model.scan`), so a scanned model exports the same bytes 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from twolar_jax.model.scan import match_layout
 from twolar_jax.resources import SPIECE_MODEL
 
 TensorMap = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 # HF keys that may appear beside the ones we read and that carry no extra information.
 _TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _IGNORED_HF_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
@@ -151,7 +156,8 @@ def read_hf_tensors(path: str | os.PathLike) -> TensorMap:
     raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def read_hf_config(path: str | os.PathLike) -> T5Config:
+def read_hf_config_dict(path: str | os.PathLike) -> dict:
+    """config.json of an HF checkpoint dir as a dict."""
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise MissingFileError(f"{config_path}: missing (an HF T5 checkpoint dir needs config.json)")
@@ -159,7 +165,23 @@ def read_hf_config(path: str | os.PathLike) -> T5Config:
         values = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
-    return T5Config.from_hf_dict(values, source=str(config_path))
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    return values
+
+
+def read_hf_config(path: str | os.PathLike, *, tied: bool | None = None) -> T5Config:
+    """The T5Config of an HF dir; `tied` as the weights say (see lm_head_is_tied), else config.json's word."""
+    return T5Config.from_hf_dict(read_hf_config_dict(path), source=str(Path(path) / "config.json"), tied=tied)
+
+
+def lm_head_is_tied(tensors: Mapping[str, np.ndarray]) -> bool:
+    """transformers 5's rule: the output projection is shared.weight unless the checkpoint holds an
+    lm_head.weight that differs from it (its configs say tie_word_embeddings=true either way)."""
+    head, shared = tensors.get("lm_head.weight"), tensors.get("shared.weight")
+    if head is None or shared is None:
+        return head is None
+    return np.shape(head) == np.shape(shared) and np.array_equal(np.asarray(head), np.asarray(shared))
 
 
 def hf_to_params(tensors: Mapping[str, np.ndarray], config: T5Config, *, source: str = "checkpoint") -> dict:
@@ -184,8 +206,9 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config: T5Config, *, source:
             continue
         if key in _TIED_ALIASES or (key == "lm_head.weight" and config.tie_word_embeddings):
             if not np.array_equal(np.asarray(tensors[key]), np.asarray(tensors["shared.weight"])):
-                raise CheckpointError(f"{source}: tensor {key} differs from shared.weight but config.json "
-                                      "says the embeddings are tied")
+                what = "untied input embeddings are not supported" if key in _TIED_ALIASES else \
+                    "the config ties the output projection to the embedding"
+                raise CheckpointError(f"{source}: tensor {key} differs from shared.weight ({what})")
             continue
         raise CheckpointError(f"{source}: unexpected tensor {key} (shape {tuple(np.shape(tensors[key]))}) "
                               "that the T5 config does not account for")
@@ -218,10 +241,18 @@ def _np_dtype(name: str):
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, scan_layers: bool = False) -> tuple[T5Config, dict]:
-    """(config, fp32 params) from a local HF T5 directory; scan_layers=True gives a scanned config and tree
-    (config.json has no such field, so the caller says which form it runs)."""
-    config = read_hf_config(path).replace(scan_layers=scan_layers)
-    return config, hf_to_params(read_hf_tensors(path), config, source=str(path))
+    """(config, fp32 params) from a local HF T5 directory, read as transformers 5 loads it: the feed-forward
+    and output scaling from config.json (T5Config.from_hf_dict), tied or not from the tensors
+    (lm_head_is_tied). scan_layers=True gives a scanned config and tree (config.json has no such field)."""
+    tensors = read_hf_tensors(path)
+    values = read_hf_config_dict(path)
+    tied = lm_head_is_tied(tensors)
+    if tied and values.get("tie_word_embeddings") is False:
+        log.warning("%s: config.json says tie_word_embeddings=false but there is no lm_head.weight distinct from "
+                    "shared.weight: the output projection is shared.weight, as transformers 5 loads it", path)
+    config = T5Config.from_hf_dict(values, source=str(Path(path) / "config.json"), tied=tied)
+    config = config.replace(scan_layers=scan_layers)
+    return config, hf_to_params(tensors, config, source=str(path))
 
 
 def save_hf_checkpoint(path: str | os.PathLike, config: T5Config, params: Any, *, dtype: str = "float32",

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
+
+from twolar_jax.errors import CheckpointError
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu")
+# transformers' `dense_act_fn` names of the tanh-approximated GELU our gated-gelu computes (HF forces gelu_new).
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # How the attention core is computed (`network.resolve_attention` turns "auto" into one of the others).
 ATTENTION_KINDS = ("auto", "rows", "einsum", "dot_product")
@@ -28,7 +32,13 @@ class T5Config:
     dropout_rate: float = 0.1
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
+    # The output projection is the input embedding (no lm_head / logits_dense parameter).
     tie_word_embeddings: bool = False
+    # Multiply the decoder output by d_model**-0.5 before the output projection. None: as T5 pairs them,
+    # scaled exactly when tied (v1.0 both, v1.1/Flan-T5 neither); True/False only for the other two
+    # combinations (a Flan-T5-shaped model created and saved by transformers 5 is tied and unscaled).
+    # __post_init__ stores None whenever the value equals tie_word_embeddings, so equal models compare equal.
+    scale_decoder_outputs: Optional[bool] = None
     dtype: str = "float32"
     remat: bool = False
     # The attention core: "rows" (one sequence at a time under lax.map, cache-friendly on CPU), "einsum"
@@ -48,6 +58,10 @@ class T5Config:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected one of {FEED_FORWARD_KINDS}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"T5Config.attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if self.scale_decoder_outputs is not None and not isinstance(self.scale_decoder_outputs, bool):
+            raise ValueError(f"T5Config.scale_decoder_outputs={self.scale_decoder_outputs!r}: expected True, False or None")
+        if self.scale_decoder_outputs == self.tie_word_embeddings:
+            object.__setattr__(self, "scale_decoder_outputs", None)
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"T5Config.scan_layers={self.scan_layers!r}: expected True or False")
         if self.dtype not in COMPUTE_DTYPES:
@@ -61,6 +75,11 @@ class T5Config:
     @property
     def is_gated(self) -> bool:
         return self.feed_forward_proj == "gated-gelu"
+
+    @property
+    def scales_decoder_outputs(self) -> bool:
+        """Whether the decoder output is multiplied by d_model**-0.5 before the logits (see the field)."""
+        return self.tie_word_embeddings if self.scale_decoder_outputs is None else self.scale_decoder_outputs
 
     def replace(self, **changes: Any) -> "T5Config":
         return dataclasses.replace(self, **changes)
@@ -85,19 +104,24 @@ class T5Config:
 
     # --- transformers' config.json ---------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "T5Config":
-        """Read a transformers T5 config.json; refuses other architectures by name."""
+    def from_hf_dict(cls, hf: Mapping[str, Any], *, source: str = "config.json",
+                     tied: Optional[bool] = None) -> "T5Config":
+        """Read a transformers T5 config.json as transformers 5 does (and as older versions wrote it).
+
+        `tied` is what the weights say (hf_conversion decides it from lm_head.weight); without it the v4
+        meaning of tie_word_embeddings is taken. Other architectures and feed-forwards are refused by name.
+        """
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
         if model_type != "t5" or any(not a.startswith("T5") for a in archs):
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: unknown architecture (model_type={model_type!r}, architectures={archs}); "
                 "only T5 encoder-decoder checkpoints (t5, t5-v1_1, flan-t5, monoT5, TWOLAR) are supported"
             )
-        proj = hf.get("feed_forward_proj", "relu")
-        if proj not in FEED_FORWARD_KINDS:
-            raise ValueError(f"{source}: feed_forward_proj={proj!r} is not supported (expected {FEED_FORWARD_KINDS})")
         num_layers = int(hf.get("num_layers", 6))
+        if tied is None:
+            tied = hf.get("tie_word_embeddings", True) is not False
+        eos = hf.get("eos_token_id", 1)
         return cls(
             vocab_size=int(hf.get("vocab_size", 32128)),
             d_model=int(hf.get("d_model", 512)),
@@ -110,15 +134,22 @@ class T5Config:
             relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
             dropout_rate=float(hf.get("dropout_rate", 0.1)),
             layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
-            feed_forward_proj=proj,
-            # T5 v1.0 ties (and scales the decoder output); v1.1 / Flan-T5 write tie_word_embeddings=false.
-            tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False,
+            feed_forward_proj=hf_feed_forward(hf, source),
+            tie_word_embeddings=bool(tied),
+            scale_decoder_outputs=hf_scale_decoder_outputs(hf, source),
             decoder_start_token_id=int(hf.get("decoder_start_token_id", 0) or 0),
             pad_token_id=int(hf.get("pad_token_id", 0) or 0),
-            eos_token_id=int(hf.get("eos_token_id", 1) if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0]),
+            eos_token_id=int(eos[0] if isinstance(eos, list) else (1 if eos is None else eos)),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
+        """config.json as transformers 5 writes it: it loads with the same feed-forward and output scaling.
+
+        tie_word_embeddings says whether the weights hold no separate lm_head.weight (transformers 5
+        ties unless both tensors are present and differ); scale_decoder_outputs is the scaling switch.
+        Older transformers read tie_word_embeddings as both switches, so only the two combinations T5
+        releases use (tied+scaled, untied+unscaled) load identically there.
+        """
         return {
             "architectures": ["T5ForConditionalGeneration"],
             "model_type": "t5",
@@ -134,12 +165,44 @@ class T5Config:
             "dropout_rate": self.dropout_rate,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "feed_forward_proj": self.feed_forward_proj,
+            "dense_act_fn": "gelu_new" if self.is_gated else "relu",
+            "is_gated_act": self.is_gated,
             "tie_word_embeddings": self.tie_word_embeddings,
+            "scale_decoder_outputs": self.scales_decoder_outputs,
             "is_encoder_decoder": True,
             "decoder_start_token_id": self.decoder_start_token_id,
             "pad_token_id": self.pad_token_id,
             "eos_token_id": self.eos_token_id,
         }
+
+
+def hf_feed_forward(hf: Mapping[str, Any], source: str = "config.json") -> str:
+    """Our feed_forward_proj for an HF config, read as transformers 5 does: `feed_forward_proj` gives the
+    defaults ("gated-gelu" means gelu_new), explicit `dense_act_fn` / `is_gated_act` keys win."""
+    proj = hf.get("feed_forward_proj", "relu")
+    parts = proj.split("-") if isinstance(proj, str) else []
+    if not parts or len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+        raise CheckpointError(f"{source}: feed_forward_proj={proj!r} is not 'ACT' or 'gated-ACT'")
+    gated = hf.get("is_gated_act", len(parts) == 2)
+    act = hf.get("dense_act_fn", "gelu_new" if proj == "gated-gelu" else parts[-1])
+    if gated is True and act in _TANH_GELU:
+        return "gated-gelu"
+    if gated is False and act == "relu":
+        return "relu"
+    raise CheckpointError(
+        f"{source}: feed-forward not supported: feed_forward_proj={proj!r}, dense_act_fn={act!r}, "
+        f"is_gated_act={gated!r}; supported are relu (T5 v1.0) and gated-gelu with gelu_new (T5 v1.1, Flan-T5)")
+
+
+def hf_scale_decoder_outputs(hf: Mapping[str, Any], source: str = "config.json") -> bool:
+    """transformers 5's rule: the `scale_decoder_outputs` key when present, else what older versions meant
+    by tie_word_embeddings (scaled unless it is false; v1.1/Flan-T5 configs wrote false)."""
+    if "scale_decoder_outputs" not in hf:
+        return hf.get("tie_word_embeddings", True) is not False
+    value = hf["scale_decoder_outputs"]
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{source}: scale_decoder_outputs={value!r}: expected true or false")
+    return value
 
 
 def _t5_v1_0(d_model: int, d_kv: int, d_ff: int, heads: int, layers: int) -> T5Config:

@@ -386,10 +386,11 @@ class Decoder(nn.Module):
                 x = layer_cls(c, name=f"layers_{i}")(x, *rest)
         x = RMSNorm(c.layer_norm_epsilon, dtype, name="decoder_norm")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=not enable_dropout)
-        if c.tie_word_embeddings:
-            # T5 v1.0 reuses the input embedding and scales the decoder output by d_model^-0.5.
-            kernel = self.embedder.embedding_table().T
+        if c.scales_decoder_outputs:
+            # T5 v1.0 scales the decoder output by d_model^-0.5 (and ties); v1.1 / Flan-T5 do neither.
             x = x * (c.d_model ** -0.5)
+        if c.tie_word_embeddings:
+            kernel = self.embedder.embedding_table().T
         else:
             # t5x initialises logits_dense with fan-in variance scaling (HF uses std 1.0, which gives logits ~50).
             kernel = _Projection((c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model ** -0.5,
