@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import ir_measures
 
@@ -19,7 +19,19 @@ from retrieval.runs import TIE_RULES, Qrels, Run, rank_scores
 from twolar_jax.durable_io import write_json_atomic, write_text_atomic
 from twolar_jax.errors import OptionError, check_choice
 
-DEFAULT_MEASURES: tuple[str, ...] = ("nDCG@10", "nDCG@1", "nDCG@5", "RR@10", "R@100")
+
+def default_measures(depth: int = 100) -> tuple[str, ...]:
+    """The job's measures for runs `depth` deep: recall is named by the depth that was ranked (R@20 for a
+    top-20 rerank), since a deeper cut-off would only repeat it."""
+    return ("nDCG@10", "nDCG@1", "nDCG@5", "RR@10", f"R@{depth}")
+
+
+DEFAULT_MEASURES: tuple[str, ...] = default_measures(100)
+
+
+def queries_label(num_queries: int, total_queries: int) -> str:
+    """"43", or "5 of 43" when only some of the set's judged queries were evaluated."""
+    return str(num_queries) if num_queries == total_queries else f"{num_queries} of {total_queries}"
 
 
 def parse_measures(names: Iterable[str]) -> list:
@@ -59,22 +71,34 @@ def evaluate_run(
 
 
 def results_table(results: Mapping[str, Mapping[str, float]], measures: Sequence[str] = DEFAULT_MEASURES,
-                  *, beir_datasets: Iterable[str] = ()) -> list[dict]:
-    """Rows {dataset, measure...}; a final "BEIR average" row over the named BEIR datasets present."""
+                  *, beir_datasets: Iterable[str] = (),
+                  counts: Optional[Mapping[str, tuple[int, int]]] = None) -> list[dict]:
+    """Rows {dataset, measure...}; a final "BEIR average" row over the named BEIR datasets present.
+
+    counts: {dataset: (queries evaluated, judged queries of the set)} adds "queries" ("5 of 43"),
+    "num_queries" and "total_queries" to each row (summed for the average)."""
     rows = [{"dataset": name, **{m: float(results[name][m]) for m in measures}} for name in results]
     beir = [n for n in beir_datasets if n in results]
     if beir:
         rows.append({"dataset": f"BEIR average ({len(beir)})",
                      **{m: sum(float(results[n][m]) for n in beir) / len(beir) for m in measures}})
+    if counts is not None:
+        for row in rows:
+            names = beir if row["dataset"] not in results else [row["dataset"]]
+            n, total = sum(counts[x][0] for x in names), sum(counts[x][1] for x in names)
+            row.update(queries=queries_label(n, total), num_queries=n, total_queries=total)
     return rows
 
 
 def to_markdown(rows: Sequence[Mapping], measures: Sequence[str] = DEFAULT_MEASURES, *, digits: int = 4) -> str:
-    header = "| dataset | " + " | ".join(measures) + " |"
-    sep = "|---|" + "---:|" * len(measures)
+    """A markdown table; rows with "queries" (results_table's counts) get a last column saying how many."""
+    counted = any("queries" in row for row in rows)
+    header = "| dataset | " + " | ".join(measures) + (" | queries |" if counted else " |")
+    sep = "|---|" + "---:|" * (len(measures) + counted)
     lines = [header, sep]
     for row in rows:
-        lines.append(f"| {row['dataset']} | " + " | ".join(f"{row[m]:.{digits}f}" for m in measures) + " |")
+        cells = [f"{row[m]:.{digits}f}" for m in measures] + ([str(row.get("queries", ""))] if counted else [])
+        lines.append(f"| {row['dataset']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

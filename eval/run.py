@@ -4,9 +4,11 @@
     python -m eval.run --gin_file=eval/beir.gin --gin.evaluate.mode="'bm25'"
 
 Outputs under output_dir: <dataset>/run.trec (reranked, or the first stage in bm25 mode),
-<dataset>/first_stage.trec (the retriever's own scores), <dataset>/metrics.json (mean + per query),
-<dataset>/scores.jsonl (resume log), results.md and results.json (one row per dataset + the BEIR
-average), config.gin.
+<dataset>/first_stage.trec (the retriever's own scores), <dataset>/metrics.json (mean + per query, and
+how many of the set's queries), <dataset>/scores.jsonl + scores.meta.json (resume log and what it was
+written for: eval.score_log), results.md and results.json (one row per dataset + the BEIR average),
+config.gin. Runs are ordered and evaluated with trec_eval's rule (score descending, ties by docid
+descending: retrieval.runs.sort_hits).
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from eval import datasets as eval_sets
-from eval.metrics import DEFAULT_MEASURES, evaluate_run, results_table, to_markdown, write_json, write_text
+from eval import score_log
+from eval.metrics import (default_measures, evaluate_run, parse_measures, queries_label, results_table,
+                          to_markdown, write_json, write_text)
 from eval.rerank import PairScorer, rerank
 from retrieval.candidates import requests_from_run
 from retrieval.readers import read_run
@@ -47,27 +51,29 @@ class FirstStage:
 
 
 def load_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
-                  truncation: str) -> PairScorer:
-    """Our MODEL_DIR or an HF T5 dir, through the public Reranker API only."""
+                  truncation: str, step: Optional[int] = None) -> PairScorer:
+    """Our MODEL_DIR (at `step`, None = the latest) or an HF T5 dir, through the public Reranker API only."""
     from twolar_jax.reranker import Reranker
 
+    extra = {"step": step} if step is not None else {}
     return Reranker.from_pretrained(checkpoint, score_head=score_head, dtype=dtype, batch_size=batch_size,
-                                    max_length=max_length, truncation=truncation)
+                                    max_length=max_length, truncation=truncation, **extra)
+
+
+def load_keyed_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
+                        truncation: str) -> tuple[PairScorer, dict]:
+    """(scorer, the model half of its score-log key): a MODEL_DIR is loaded at the step the key names."""
+    identity = score_log.checkpoint_identity(checkpoint)
+    scorer = load_reranker(checkpoint, score_head=score_head, dtype=dtype, batch_size=batch_size,
+                           max_length=max_length, truncation=truncation, step=identity.get("step"))
+    return scorer, score_log.score_key(identity, score_head=score_head, dtype=dtype, max_length=max_length,
+                                       truncation=truncation)
 
 
 def _resume_log(ds_dir: Path, key: Optional[dict]) -> Path:
-    """scores.jsonl of an interrupted run, kept only when written with the same checkpoint and settings."""
-    log_path, meta_path = ds_dir / "scores.jsonl", ds_dir / "scores.meta.json"
-    old = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if key is None or old != key:
-        if log_path.exists():
-            log.info("%s: not resuming (written by another model or settings)", log_path)
-            log_path.unlink()
-        if key is not None:
-            write_json(meta_path, key)
-        elif meta_path.exists():
-            meta_path.unlink()
-    return log_path
+    """scores.jsonl of an interrupted run, kept only when its scores.meta.json records the same key
+    (checkpoint identity, scoring settings, candidates: eval.score_log); else a fresh log."""
+    return score_log.open_score_log(ds_dir / "scores.jsonl", ds_dir / "scores.meta.json", key)
 
 
 def first_stage_run(ds: eval_sets.EvalSet, name: str, stage: FirstStage) -> Run:
@@ -79,10 +85,8 @@ def first_stage_run(ds: eval_sets.EvalSet, name: str, stage: FirstStage) -> Run:
     return {q: docs for q, docs in first.items() if q in ds.qrels}
 
 
-def evaluate_dataset(name: str, *, data_dir: Path, out: Path, stage: FirstStage, scorer: Optional[PairScorer],
-                     resume_key: Optional[dict], top_k: int, measures: Sequence[str], run_tag: str,
-                     pairs_per_call: int, max_queries: Optional[int]) -> dict[str, float]:
-    """One dataset: first stage, rerank (unless scorer is None: bm25 mode), run files and metrics.json."""
+def load_dataset(name: str, data_dir: Path, stage: FirstStage, max_queries: Optional[int]) -> eval_sets.EvalSet:
+    """The named set, cut to its first `max_queries` judged queries (sorted ids) when asked."""
     if name.startswith("beir/"):
         ds = eval_sets.load_set(name, data_dir, split=stage.split, cache_dir=stage.cache_dir, k1=stage.k1, b=stage.b,
                                 remove_query=stage.remove_query, threads=stage.threads)
@@ -90,6 +94,16 @@ def evaluate_dataset(name: str, *, data_dir: Path, out: Path, stage: FirstStage,
         ds = eval_sets.load_set(name, data_dir)
     if max_queries is not None:
         ds.qrels = {q: ds.qrels[q] for q in sorted(ds.qrels)[:max_queries]}
+    return ds
+
+
+def evaluate_dataset(name: str, *, data_dir: Path, out: Path, stage: FirstStage, scorer: Optional[PairScorer],
+                     resume_key: Optional[dict], top_k: int, measures: Sequence[str], run_tag: str,
+                     pairs_per_call: int, max_queries: Optional[int]) -> tuple[dict[str, float], tuple[int, int]]:
+    """One dataset: first stage, rerank (unless scorer is None: bm25 mode), run files and metrics.json.
+
+    Returns (means, (queries evaluated, judged queries of the set))."""
+    ds = load_dataset(name, data_dir, stage, max_queries)
     first = first_stage_run(ds, name, stage)
     ds_dir = out / name.replace("/", "_")
     write_trec_run(ds_dir / "first_stage.trec", first, tag="first_stage", depth=stage.depth)
@@ -97,15 +111,18 @@ def evaluate_dataset(name: str, *, data_dir: Path, out: Path, stage: FirstStage,
         final = first
     else:
         requests = requests_from_run(first, ds.queries, ds.doc_text, k=stage.depth, source=stage.runs.get(name, name))
+        key = None if resume_key is None else {**resume_key, "candidates": score_log.candidates_digest(requests, top_k)}
         final = rerank(scorer, requests, top_k=top_k, pairs_per_call=pairs_per_call,
-                       scores_path=_resume_log(ds_dir, resume_key), desc=name)
+                       scores_path=_resume_log(ds_dir, key), desc=name)
     write_trec_run(ds_dir / "run.trec", final, tag=run_tag if scorer is not None else "first_stage")
     aggregate, per_query = evaluate_run(ds.qrels, final, measures)
-    write_json(ds_dir / "metrics.json", {"dataset": name, "mode": "bm25" if scorer is None else "rerank",
-                                         "mean": aggregate, "num_queries": len(ds.qrels),
-                                         "total_queries": ds.total_queries, "reranked_depth": top_k,
-                                         "per_query": per_query})
-    return aggregate
+    counts = (len(ds.qrels), ds.total_queries)
+    write_json(ds_dir / "metrics.json", {
+        "dataset": name, "mode": "bm25" if scorer is None else "rerank", "queries": queries_label(*counts),
+        "num_queries": counts[0], "total_queries": counts[1], "first_stage_depth": stage.depth,
+        "reranked_depth": None if scorer is None else min(top_k, stage.depth), "mean": aggregate,
+        "per_query": per_query})
+    return aggregate, counts
 
 
 def evaluate(
@@ -131,7 +148,7 @@ def evaluate(
     remove_query: bool = True,
     cache_dir: Optional[str] = None,
     bm25_threads: int = 1,
-    measures: Sequence[str] = DEFAULT_MEASURES,
+    measures: Optional[Sequence[str]] = None,
     run_tag: str = "twolar",
     pairs_per_call: int = 1024,
     max_queries: Optional[int] = None,
@@ -142,7 +159,9 @@ def evaluate(
     data_dir defaults to the shipped data. first_stage_runs: {dataset name: TREC run file} replaces BM25 /
     the shipped candidates for that set. reranker: an in-memory object with `score_pairs` (tests,
     notebooks); otherwise `checkpoint` is loaded. max_queries: keep only the first N judged queries (sorted
-    ids) of each set; the metrics then say how many of the set's queries they cover.
+    ids) of each set; metrics.json, results.md and results.json then say "N of <total>" queries.
+    measures: ir-measures names; None = default_measures(depth), recall named by the depth of the runs
+    (top_k reranked, or the first-stage depth in bm25 mode). Runs are ordered as trec_eval orders them.
     Returns {dataset: {measure: mean}}; the tables also hold the BEIR average.
     """
     check_choice("evaluate.mode", mode, MODES)
@@ -154,31 +173,50 @@ def evaluate(
     unknown = set(stage.runs) - set(names)
     if unknown:
         raise OptionError(f"evaluate.first_stage_runs names datasets not evaluated: {sorted(unknown)}")
-    resume_key = None  # scores.jsonl is reused only for the same checkpoint and scoring settings
+    depth = stage.depth if mode == "bm25" else min(top_k, stage.depth)
+    measures = _measures_for(measures, depth)
+    resume_key = None  # scores.jsonl is reused only for the same checkpoint, settings and candidates
     if mode == "rerank" and reranker is None:
         if not checkpoint:
             raise OptionError("evaluate.mode='rerank' needs evaluate.checkpoint (or a reranker object)")
-        reranker = load_reranker(checkpoint, score_head=score_head, dtype=dtype, batch_size=batch_size,
-                                 max_length=max_length, truncation=truncation)
-        resume_key = {"checkpoint": str(Path(checkpoint).resolve()), "score_head": score_head, "dtype": dtype,
-                      "max_length": max_length, "truncation": truncation}
+        reranker, resume_key = load_keyed_reranker(checkpoint, score_head=score_head, dtype=dtype,
+                                                   batch_size=batch_size, max_length=max_length, truncation=truncation)
     out = Path(output_dir)
     results: dict[str, dict[str, float]] = {}
+    counts: dict[str, tuple[int, int]] = {}
     timings: dict[str, float] = {}
     for name in names:
         start = time.time()
-        results[name] = evaluate_dataset(
+        results[name], counts[name] = evaluate_dataset(
             name, data_dir=data_path, out=out, stage=stage, scorer=reranker if mode == "rerank" else None,
             resume_key=resume_key, top_k=top_k, measures=measures, run_tag=run_tag, pairs_per_call=pairs_per_call,
             max_queries=max_queries)
         timings[name] = time.time() - start
-        log.info("%s: %s (%.1fs)", name, " ".join(f"{k}={v:.4f}" for k, v in results[name].items()), timings[name])
-    rows = results_table(results, measures, beir_datasets=[n for n in names if n.startswith("beir/")])
-    table = to_markdown(rows, measures)
+        log.info("%s (%s queries): %s (%.1fs)", name, queries_label(*counts[name]),
+                 " ".join(f"{k}={v:.4f}" for k, v in results[name].items()), timings[name])
+    beir = [n for n in names if n.startswith("beir/")]
+    rows = results_table(results, measures, beir_datasets=beir)
+    counted = results_table(results, measures, beir_datasets=beir, counts=counts)
+    table = to_markdown(counted, measures)
     write_text(out / "results.md", table)
-    write_json(out / "results.json", {"mode": mode, "checkpoint": checkpoint, "rows": rows, "seconds": timings})
+    queries = {r["dataset"]: {k: r[k] for k in ("queries", "num_queries", "total_queries")} for r in counted}
+    write_json(out / "results.json", {"mode": mode, "checkpoint": checkpoint, "depth": depth,
+                                      "measures": list(measures), "rows": rows, "queries": queries,
+                                      "seconds": timings})
     print(table, end="")
     return results
+
+
+def _measures_for(measures: Optional[Sequence[str]], depth: int) -> tuple[str, ...]:
+    """The default measures for runs `depth` deep, or the given ones (a recall deeper than the runs is
+    logged: it can only repeat R@depth)."""
+    if measures is None:
+        return default_measures(depth)
+    for m in parse_measures(measures):
+        cutoff = m.params.get("cutoff")
+        if m.NAME == "R" and isinstance(cutoff, int) and cutoff > depth:
+            log.warning("%s is measured on runs %d deep: it equals R@%d", m, depth, depth)
+    return tuple(measures)
 
 
 def register_configurables() -> Any:
