@@ -33,7 +33,7 @@ SYSTEMS = ("bm25", "teacher", "student_before", "student_after")
 SYSTEM_LABELS = {"bm25": "BM25 (pyserini, k1=0.9 b=0.4)", "teacher": "teacher: all-MiniLM-L6-v2 (offline)",
                  "student_before": "student before training (tiny, random init)",
                  "student_after": "student after distillation (tiny)"}
-TABLE_MEASURES = ("nDCG@10", "nDCG@1", "RR@10", "R@100")
+TABLE_MEASURES = ("nDCG@10", "nDCG@1", "RR@10")  # + recall at the depth reranked (table_measures)
 log = logging.getLogger("twolar.demo")
 
 
@@ -155,13 +155,21 @@ def plot_loss_curve(records: list[dict], path: Path) -> Path:
     return path
 
 
-def results_markdown(metrics: dict[str, dict[str, float]], num_queries: int, top_k: int) -> str:
-    header = "| system | " + " | ".join(TABLE_MEASURES) + " |"
-    rule = "|---|" + "---|" * len(TABLE_MEASURES)
-    rows = [f"| {SYSTEM_LABELS[s]} | " + " | ".join(f"{metrics[s].get(m, float('nan')):.4f}" for m in TABLE_MEASURES)
+def table_measures(top_k: int) -> tuple[str, ...]:
+    """The table's columns: recall is named by the depth that was reranked (R@20 in --quick)."""
+    return TABLE_MEASURES + (f"R@{top_k}",)
+
+
+def results_markdown(metrics: dict[str, dict[str, float]], num_queries: int, top_k: int,
+                     total_queries: int | None = None) -> str:
+    measures = table_measures(top_k)
+    header = "| system | " + " | ".join(measures) + " |"
+    rule = "|---|" + "---|" * len(measures)
+    rows = [f"| {SYSTEM_LABELS[s]} | " + " | ".join(f"{metrics[s].get(m, float('nan')):.4f}" for m in measures)
             + " |" for s in SYSTEMS if s in metrics]
-    note = (f"\nSciFact test, {num_queries} held-out queries; rerankers reorder BM25's top {top_k}. "
-            "The teacher is a small bi-encoder standing in for an LLM.\n")
+    held_out = f"{num_queries} of {total_queries}" if total_queries and total_queries != num_queries else num_queries
+    note = (f"\nSciFact test, {held_out} held-out queries; rerankers reorder BM25's top {top_k} "
+            f"(R@{top_k}: recall of those {top_k}). The teacher is a small bi-encoder standing in for an LLM.\n")
     return "\n".join([header, rule, *rows]) + "\n" + note
 
 
@@ -173,7 +181,8 @@ def stage_report(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
         raise RuntimeError(f"the report needs the eval stage: {marker} is missing")
     metrics = json.loads(marker.read_text())["summary"]
     first = json.loads((paths.eval / "bm25" / "beir_scifact" / "metrics.json").read_text())
-    table = results_markdown(metrics, int(first["num_queries"]), int(gin_utils.query("EVAL_TOP_K")))
+    table = results_markdown(metrics, int(first["num_queries"]), int(gin_utils.query("EVAL_TOP_K")),
+                             int(first.get("total_queries") or first["num_queries"]))
     write_text_atomic(paths.root / "results.md", table)
     records = read_metrics(paths.student, "train")
     curve = plot_loss_curve(records, paths.root / "loss_curve.png")
