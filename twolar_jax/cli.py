@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("twolar_jax.train", "distil a distillation set into a T5 student"),
     "eval": ("eval.run", "rerank and evaluate on TREC DL / BEIR"),
     "trec": ("eval.trec", "score a TREC run file against qrels"),
+    "rerank": ("eval.rerank_run", "rerank a run file (TREC / rank_llm) with a checkpoint, resumably"),
 }
 
 
