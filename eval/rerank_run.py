@@ -10,12 +10,13 @@ docid descending), rank_llm requests/results JSONL (`*.jsonl`) or rank_llm_data 
 the last two carry query and passage texts and are cut to their first top_k candidates in file order.
 CORPUS (BEIR corpus.jsonl or `id<TAB>text` TSV) and QUERIES (BEIR queries.jsonl or `qid<TAB>text` TSV)
 give the texts: required for a TREC run, and when given they replace the texts of a JSON run.
-CKPT is an HF T5 dir or a training MODEL_DIR (its latest step). OUT is a TREC run, or with
-`--output_format rank_llm` rank_llm's result JSONL (`{"query": {"text", "qid"}, "candidates": [{"docid",
-"score", "doc"}]}`, candidates in reranked order, score = the reranker's). Scores are logged to
-OUT.scores.jsonl as they come, so an interrupted job resumes; the log is reused only for the same
-checkpoint, settings and candidates (eval.score_log). With --qrels, prints the metrics JSON that
-`python -m eval.trec` prints for OUT. Bad input: one line on stderr naming file and line, exit code 2.
+CKPT is an HF T5 dir, a Hugging Face hub id (the HF cache) or a training MODEL_DIR (its latest step).
+OUT is a TREC run, or with `--output_format rank_llm` rank_llm's result JSONL (`{"query": {"text",
+"qid"}, "candidates": [{"docid", "score", "doc"}]}`, candidates in reranked order, score = the
+reranker's). Scores are logged to OUT.scores.jsonl as they come, so an interrupted job resumes; the
+log is reused only for the same checkpoint, settings and candidates (eval.score_log). With --qrels,
+prints the metrics JSON that `python -m eval.trec` prints for OUT. Bad input: one line on stderr
+naming file and line, exit code 2.
 """
 from __future__ import annotations
 
@@ -103,8 +104,6 @@ def _check_inputs(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             raise MissingFileError(f"{value}: not found (--{flag})")
-    if not Path(args.checkpoint).is_dir():
-        raise MissingFileError(f"{args.checkpoint}: no such checkpoint directory (--checkpoint)")
     if args.top_k < 1:
         raise OptionError(f"--top_k={args.top_k}: must be >= 1")
 
@@ -148,7 +147,7 @@ def rerank_file(args: argparse.Namespace) -> Optional[dict[str, float]]:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.rerank_run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="HF T5 dir or training MODEL_DIR")
+    p.add_argument("--checkpoint", required=True, help="HF T5 dir, HF hub id or training MODEL_DIR")
     p.add_argument("--run", required=True, help="TREC run, rank_llm JSONL (*.jsonl) or candidate JSON (*.json)")
     p.add_argument("--output", required=True, help="the reranked run to write")
     p.add_argument("--corpus", help="BEIR corpus.jsonl or id<TAB>text TSV (needed for a TREC run)")

@@ -62,9 +62,13 @@ def load_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: i
 
 def load_keyed_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
                         truncation: str) -> tuple[PairScorer, dict]:
-    """(scorer, the model half of its score-log key): a MODEL_DIR is loaded at the step the key names."""
-    identity = score_log.checkpoint_identity(checkpoint)
-    scorer = load_reranker(checkpoint, score_head=score_head, dtype=dtype, batch_size=batch_size,
+    """(scorer, the model half of its score-log key): the checkpoint is resolved once (a hub id to its
+    snapshot dir), and a MODEL_DIR is loaded at the step the key names."""
+    from twolar_jax.hub import resolve_checkpoint
+
+    local = resolve_checkpoint(checkpoint)
+    identity = score_log.checkpoint_identity(local)
+    scorer = load_reranker(str(local), score_head=score_head, dtype=dtype, batch_size=batch_size,
                            max_length=max_length, truncation=truncation, step=identity.get("step"))
     return scorer, score_log.score_key(identity, score_head=score_head, dtype=dtype, max_length=max_length,
                                        truncation=truncation)

@@ -19,8 +19,9 @@ from twolar_jax.durable_io import write_json_atomic
 from twolar_jax.errors import MissingFileError
 
 log = logging.getLogger("eval")
-# Files of an HF dir that change what Reranker.from_pretrained computes.
-_HF_FILES = ("config.json", "spiece.model", "pytorch_model.bin", "model.safetensors.index.json")
+# Files of an HF dir that change what Reranker.from_pretrained computes (weights: *.safetensors, *.bin, indexes).
+_HF_FILES = ("config.json", "spiece.model")
+_HF_SUFFIXES = (".safetensors", ".bin", ".index.json")
 
 
 def _stat_digest(paths: Iterable[Path], root: Path) -> str:
@@ -42,11 +43,12 @@ def latest_step(model_dir: Path) -> int:
     return max(steps)
 
 
-def checkpoint_identity(checkpoint: str, step: Optional[int] = None) -> dict[str, Any]:
-    """What gets loaded: {"path", "step" (MODEL_DIR only), "files": stat digest}; `step` None = the latest."""
+def checkpoint_identity(checkpoint: str | Path, step: Optional[int] = None) -> dict[str, Any]:
+    """What gets loaded from a local checkpoint dir (twolar_jax.hub.resolve_checkpoint gives one for a hub
+    id): {"path", "step" (MODEL_DIR only), "files": stat digest}; `step` None = the latest."""
     path = Path(checkpoint).resolve()
     if (path / "config.json").is_file():  # the same test Reranker.from_pretrained makes first
-        files = [p for p in path.iterdir() if p.is_file() and (p.name in _HF_FILES or p.name.endswith(".safetensors"))]
+        files = [p for p in path.iterdir() if p.is_file() and (p.name in _HF_FILES or p.name.endswith(_HF_SUFFIXES))]
         return {"path": str(path), "files": _stat_digest(files, path)}
     if (path / "model_config.json").is_file():
         step = latest_step(path) if step is None else int(step)
