@@ -51,17 +51,22 @@ class FirstStage:
 
 
 def load_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
-                  truncation: str, step: Optional[int] = None) -> PairScorer:
-    """Our MODEL_DIR (at `step`, None = the latest) or an HF T5 dir, through the public Reranker API only."""
+                  truncation: str, step: Optional[int] = None,
+                  mesh_shape: Sequence[int] = (-1, 1, 1)) -> PairScorer:
+    """Our MODEL_DIR (at `step`, None = the latest) or an HF T5 dir, through the public Reranker API only.
+
+    mesh_shape (data, fsdp, model) shards the parameters with the training rules: (1, -1, 1) is fsdp over
+    every device, for a model that does not fit one; the default replicates it."""
     from twolar_jax.reranker import Reranker
 
     extra = {"step": step} if step is not None else {}
     return Reranker.from_pretrained(checkpoint, score_head=score_head, dtype=dtype, batch_size=batch_size,
-                                    max_length=max_length, truncation=truncation, **extra)
+                                    max_length=max_length, truncation=truncation, mesh_shape=tuple(mesh_shape),
+                                    **extra)
 
 
 def load_keyed_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
-                        truncation: str) -> tuple[PairScorer, dict]:
+                        truncation: str, mesh_shape: Sequence[int] = (-1, 1, 1)) -> tuple[PairScorer, dict]:
     """(scorer, the model half of its score-log key): the checkpoint is resolved once (a hub id to its
     snapshot dir), and a MODEL_DIR is loaded at the step the key names."""
     from twolar_jax.hub import resolve_checkpoint
@@ -69,7 +74,8 @@ def load_keyed_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_s
     local = resolve_checkpoint(checkpoint)
     identity = score_log.checkpoint_identity(local)
     scorer = load_reranker(str(local), score_head=score_head, dtype=dtype, batch_size=batch_size,
-                           max_length=max_length, truncation=truncation, step=identity.get("step"))
+                           max_length=max_length, truncation=truncation, step=identity.get("step"),
+                           mesh_shape=mesh_shape)
     return scorer, score_log.score_key(identity, score_head=score_head, dtype=dtype, max_length=max_length,
                                        truncation=truncation)
 
@@ -142,6 +148,7 @@ def evaluate(
     batch_size: int = 32,
     max_length: int = 512,
     truncation: str = "document",
+    mesh_shape: Sequence[int] = (-1, 1, 1),
     top_k: int = 100,
     first_stage: Optional[FirstStage] = None,
     first_stage_k: Optional[int] = None,
@@ -184,7 +191,8 @@ def evaluate(
         if not checkpoint:
             raise OptionError("evaluate.mode='rerank' needs evaluate.checkpoint (or a reranker object)")
         reranker, resume_key = load_keyed_reranker(checkpoint, score_head=score_head, dtype=dtype,
-                                                   batch_size=batch_size, max_length=max_length, truncation=truncation)
+                                                   batch_size=batch_size, max_length=max_length, truncation=truncation,
+                                                   mesh_shape=mesh_shape)
     out = Path(output_dir)
     results: dict[str, dict[str, float]] = {}
     counts: dict[str, tuple[int, int]] = {}

@@ -243,3 +243,32 @@ def test_resume_only_for_same_checkpoint_and_settings(dl19, data_dir, tmp_path, 
     evaluate(**kw, score_head="softmax")
     assert made[-1].pairs == 300  # another score head: the old log is not reused
     assert len(json.loads((tmp_path / "trec_dl_dl19" / "metrics.json").read_text())["per_query"]) == 3
+
+
+@pytest.mark.slow
+def test_sharded_scoring_eval_job_through_a_mesh_gin_file(tmp_path, data_dir):
+    """The eval job shards the Reranker with a mesh gin file (fsdp over the 8 simulated devices) and
+    writes the same run as the replicated default."""
+    import gin
+
+    from twolar_jax import gin_utils
+    from twolar_jax.hf_conversion import save_hf_checkpoint
+    from twolar_jax.model.config import preset
+    from twolar_jax.model.network import init_params
+
+    ckpt = save_hf_checkpoint(tmp_path / "hf", preset("tiny"), init_params(preset("tiny"), 5))
+    configured = __import__("eval.run", fromlist=["register_configurables"]).register_configurables()
+    runs_written = []
+    for name, extra in (("replicated", []), ("fsdp", ["mesh/fsdp.gin"])):
+        gin.clear_config()
+        out = tmp_path / name
+        gin_utils.parse_gin_flags(["eval/trec_dl19.gin", *extra], [
+            f"evaluate.checkpoint = '{ckpt}'", f"evaluate.output_dir = '{out}'", f"evaluate.data_dir = '{data_dir}'",
+            "evaluate.max_queries = 2", "evaluate.top_k = 8", "evaluate.max_length = 128", "evaluate.batch_size = 8"])
+        assert tuple(gin_utils.query("evaluate.mesh_shape")) == ((-1, 1, 1) if name == "replicated" else (1, -1, 1))
+        configured()
+        runs_written.append(readers.read_run(out / "trec_dl_dl19" / "run.trec"))
+    gin.clear_config()
+    for qid, docs in runs_written[0].items():
+        assert list(docs) == list(runs_written[1][qid])
+        np.testing.assert_allclose(list(docs.values()), list(runs_written[1][qid].values()), rtol=0, atol=1e-5)
