@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from twolar_jax.errors import OptionError
-from twolar_jax.secrets import RedactingFilter
+from twolar_jax.secrets import RedactingFilter, RedactingFormatter
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -22,5 +22,6 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=name, format=FORMAT, force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+        handler.setFormatter(RedactingFormatter(FORMAT))  # tracebacks too, not only the message
     for noisy in ("httpx", "httpcore", "openai", "absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(name)))

@@ -11,11 +11,13 @@ import logging
 import os
 import re
 import threading
-from typing import Iterable
+from typing import Iterable, Optional
+from urllib.parse import unquote, urlsplit
 
 REDACTED = "***"
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _SECRET_NAME_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}
+_SECRET_NAME_ENDINGS = ("key", "token", "secret", "password", "passwd", "credentials")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"]+)@")
 _KEY_LIKE = re.compile(r"\b(sk|key|tok|hf)[-_][A-Za-z0-9_\-*.]{8,}")
 _MIN_SECRET_LEN = 4
@@ -31,6 +33,26 @@ def register_secret(value: str | None) -> None:
             _secrets.add(value)
 
 
+def register_url_credentials(url: Optional[str]) -> Optional[str]:
+    """Register the user:password of a URL (`http://user:KEY@host/v1`) as secrets; returns the password."""
+    if not url or "@" not in url:
+        return None
+    try:
+        parts = urlsplit(url)
+        username, password = parts.username, parts.password
+    except ValueError:  # a malformed URL: keep whatever sits before the '@' secret
+        userinfo = url.split("://", 1)[-1].split("@", 1)[0]
+        register_secret(userinfo)
+        return None
+    if not password:  # a bare `token@host`: the user part is the credential
+        register_secret(username)
+        return None
+    register_secret(password)  # not the user name alone: "user" must not vanish from every log line
+    register_secret(unquote(password))
+    register_secret(f"{username}:{password}")
+    return unquote(password)
+
+
 def known_secrets() -> list[str]:
     """Registered secrets plus the secret environment variables, longest first."""
     found = set(_secrets) | {os.environ[v] for v in SECRET_ENV_VARS if len(os.environ.get(v, "")) >= _MIN_SECRET_LEN}
@@ -38,9 +60,16 @@ def known_secrets() -> list[str]:
 
 
 def is_secret_name(name: str) -> bool:
-    """True for parameter names like `api_key`, `ChatClient.token`, `PASSWORD`, `hf_secret` (case-insensitive)."""
-    parts = re.split(r"[._\-/]", name.lower())
-    return any(p in _SECRET_NAME_PARTS for p in parts) or name.lower().endswith(("apikey", "api_key"))
+    """True for names like `api_key`, `ChatClient.token`, `PASSWORD`, `hf_secret`, `MYKEY`, `%OpenAIKey`
+    (case-insensitive): the last word of the name ends with key, token, secret or password.
+
+    Only the last word counts, so `pad_token_id` or `max_tokens` are not secret names."""
+    last = re.split(r"[./]", name.strip().lstrip("%"))[-1]
+    words = [w for w in re.split(r"[_\-]|(?<=[a-z0-9])(?=[A-Z])", last) if w]
+    if not words:
+        return False
+    word = words[-1].lower()
+    return word in _SECRET_NAME_PARTS or word.endswith(_SECRET_NAME_ENDINGS)
 
 
 def redact(text: str, extra: Iterable[str] = ()) -> str:
@@ -64,6 +93,18 @@ def redact_gin_config(text: str) -> str:
             line = f"{m.group('indent')}{m.group('name')} = None  # redacted"
         out.append(line)
     return redact("\n".join(out) + ("\n" if text.endswith("\n") else ""))
+
+
+def redact_exception(exc: BaseException) -> str:
+    """`str(exc)` with secrets removed (for the one-line error of the console entry points)."""
+    return redact(str(exc))
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose whole output (message, arguments and any traceback) is redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 class RedactingFilter(logging.Filter):

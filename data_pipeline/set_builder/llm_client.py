@@ -21,6 +21,10 @@ import time
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from twolar_jax.errors import OptionError
+from twolar_jax.secrets import redact as redact_secrets
+from twolar_jax.secrets import register_secret, register_url_credentials
+
 log = logging.getLogger(__name__)
 
 _KEY_LIKE = re.compile(r"(sk|key|tok)-[A-Za-z0-9_\-*.]{4,}")
@@ -83,10 +87,15 @@ def safe_url(url: str | None) -> str | None:
     if url is None:
         return None
     parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _without_userinfo(url: str | None) -> str | None:
+    """The URL with any user:password@ removed (query and fragment kept)."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -114,8 +123,10 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
 class ChatClient:
     """Bounded-concurrency chat completions with retries.
 
-    base_url/api_key default to $OPENAI_BASE_URL/$OPENAI_API_KEY; a server on a loopback address
-    (vLLM, Ollama, TGI on this machine) may go without a key. `request_params()` (temperature,
+    base_url/api_key default to $OPENAI_BASE_URL/$OPENAI_API_KEY; a password in the URL
+    (`http://user:KEY@host/v1`) is the key when api_key is not given, and the URL is used without it.
+    A server on a loopback address (vLLM, Ollama, TGI on this machine) may go without a key. Every
+    key and URL credential is registered with twolar_jax.secrets, so it is redacted wherever it appears. `request_params()` (temperature,
     max_tokens, extra_body) is part of the teacher's cache key.
     """
 
@@ -136,17 +147,23 @@ class ChatClient:
         seed: int | None = None,
     ):
         if not model:
-            raise ValueError("ChatClient.model is required (the teacher LLM's name on the server)")
+            raise OptionError("llm_client.ChatClient.model is required (the teacher LLM's name on the server)")
         if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0:
-            raise ValueError("need max_concurrency >= 1, max_retries >= 0 and timeout_s > 0")
+            raise OptionError(f"llm_client.ChatClient: need max_concurrency >= 1 (got {max_concurrency}), "
+                              f"max_retries >= 0 (got {max_retries}) and timeout_s > 0 (got {timeout_s})")
         self.model = model
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        url_key = register_url_credentials(url)
+        self.base_url = _without_userinfo(url)  # the credentials never reach openai/httpx or a log
+        key = api_key or url_key or os.environ.get("OPENAI_API_KEY") or None
         if key is None:
             if _is_local(urlsplit(self.base_url).hostname if self.base_url else None):
                 key = "EMPTY"
             else:
-                raise ValueError("no API key: set OPENAI_API_KEY (or ChatClient.api_key in gin)")
+                raise OptionError("no API key: set OPENAI_API_KEY (or llm_client.ChatClient.api_key in gin, or "
+                                  "http://user:KEY@host/v1 as ChatClient.base_url)")
+        if key != "EMPTY":
+            register_secret(key)  # redacted by value from configs, logs and messages, whatever route it came by
         self.__key = key
         self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
         self.backoff_base_s, self.backoff_max_s = float(backoff_base_s), float(backoff_max_s)
@@ -166,7 +183,7 @@ class ChatClient:
         """Remove the key (and anything key-shaped, e.g. a server's masked echo of it) from text."""
         if self.__key and self.__key != "EMPTY":
             text = text.replace(self.__key, "***")
-        return _KEY_LIKE.sub(r"\1-***", text)
+        return redact_secrets(_KEY_LIKE.sub(r"\1-***", text))
 
     def request_params(self) -> dict:
         params: dict[str, Any] = {"temperature": self.temperature}
