@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import tokenize
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,7 +25,7 @@ import gin
 
 from twolar_jax import resources
 from twolar_jax.durable_io import write_text_atomic
-from twolar_jax.errors import MissingFileError, OptionError
+from twolar_jax.errors import MissingFileError, OptionError, TwolarError
 from twolar_jax.secrets import redact_gin_config
 
 GIN_FLAGS = ("--gin_file", "--gin_bindings", "--gin_search_paths")
@@ -115,8 +117,59 @@ def parse_gin_flags(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
         if path not in _ADDED_SEARCH_PATHS:
             gin.add_config_file_search_path(path)
             _ADDED_SEARCH_PATHS.add(path)
+    # One file and one binding at a time, so that a parse error names the file or the binding it came from.
     with contextlib.chdir(resources.gin_dir()):
-        gin.parse_config_files_and_bindings(files, list(gin_bindings), skip_unknown=skip_unknown)
+        for path in files:
+            with _gin_errors(f"{path}"):
+                gin.parse_config_files_and_bindings([path], [], finalize_config=False, skip_unknown=skip_unknown)
+        for binding in gin_bindings:
+            with _gin_errors(f"gin binding {redact_gin_config(binding).strip()!r}"):
+                gin.parse_config_files_and_bindings([], [binding], finalize_config=False, skip_unknown=skip_unknown)
+        with _gin_errors("gin"):
+            gin.finalize()
+
+
+class GinConfigError(OptionError):
+    """A gin file or binding that does not parse, names an unknown configurable, or leaves a macro unset."""
+
+
+_GIN_LOCATION = re.compile(r'In file "(?P<file>[^"]+)", line (?P<line>\d+)')
+_GIN_REQUIRED_MACRO = re.compile(r"^(?P<name>[\w.]+)/macro\.value set to `%gin\.REQUIRED`")
+
+
+def describe_gin_error(exc: BaseException, where: str) -> str:
+    """One line for a gin parse error: where (file:line or the binding), what, and the offending text."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
+    first = lines[0] if lines else type(exc).__name__
+    required = _GIN_REQUIRED_MACRO.match(first)
+    if required:
+        name = required.group("name")
+        return f"required macro {name} is not set: add --gin.{name}=VALUE (a string needs quotes: \"'...'\")"
+    if isinstance(exc, tokenize.TokenError):
+        what = exc.args[0] if exc.args else "incomplete statement"
+        return f"{where}: gin: cannot parse ({what}; an unclosed bracket or quote?)"
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        if where.startswith("gin binding"):  # `where` already shows the (redacted) binding
+            return f"{where}: gin: {exc.msg or first}"
+        text = f" ({redact_gin_config(exc.text.strip()).strip()})" if exc.text and exc.text.strip() else ""
+        return f"{where}:{exc.lineno}: gin: {exc.msg or first}{text}"
+    match = _GIN_LOCATION.search(str(exc))
+    if match:
+        location = f"{match.group('file')}:{match.group('line')}"
+        code = lines[-1] if len(lines) > 2 else ""
+        return f"{location}: gin: {first}" + (f" ({redact_gin_config(code).strip()})" if code else "")
+    return f"{where}: gin: {first}"
+
+
+@contextlib.contextmanager
+def _gin_errors(where: str):
+    """Turn gin's parse errors (ValueError, SyntaxError, tokenize.TokenError...) into one-line GinConfigErrors."""
+    try:
+        yield
+    except TwolarError:
+        raise
+    except (ValueError, SyntaxError, tokenize.TokenError, TypeError, ImportError, KeyError, OSError) as exc:
+        raise GinConfigError(describe_gin_error(exc, where)) from exc
 
 
 def query(name: str) -> Any:

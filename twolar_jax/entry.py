@@ -1,0 +1,160 @@
+"""What every console entry point shares: user errors as one line and exit code 2, --debug, --log_level,
+the compilation cache, and a --help that lists the shipped gin files and the macros they require.
+
+Why one place: a user who mistypes a path or a binding should read one line naming the file, line,
+field or option (`twolar-train: error: data.jsonl:3: candidates: ...`), not 30 lines of traceback; a
+bug (any other exception) keeps its traceback. Both are redacted (twolar_jax.secrets). `--debug` (or
+TWOLAR_DEBUG=1) shows the traceback of user errors too.
+
+    def console_main(argv=None) -> int:
+        return entry.run_console("twolar-x", _main, argv)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from twolar_jax.errors import TwolarError
+from twolar_jax.secrets import redact
+
+DEBUG_ENV = "TWOLAR_DEBUG"
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_GIN_CALL = re.compile(r"In call to configurable '([^']+)'")
+_MISSING_ARGUMENT = re.compile(r"missing \d+ required (keyword-only |positional )?arguments?: ")
+_REQUIRED_MACRO = re.compile(r"^\s*(?P<name>[A-Za-z_]\w*)\s*=\s*%gin\.REQUIRED", re.MULTILINE)
+
+
+# ------------------------------------------------------------------------------------ classification
+def _third_party_user_errors() -> tuple[type, ...]:
+    """Errors of libraries that only bad input raises (safetensors' header errors); empty if not installed."""
+    found: list[type] = []
+    try:
+        from safetensors import SafetensorError
+
+        found.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a core dependency
+        pass
+    return tuple(found)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors a user fixes (bad input, option, path, binding); False for bugs."""
+    if isinstance(exc, (TwolarError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError, json.JSONDecodeError, UnicodeDecodeError)):
+        return True
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Required bindings for"):  # gin.REQUIRED params
+        return True
+    if isinstance(exc, TypeError) and _MISSING_ARGUMENT.search(str(exc)) and _GIN_CALL.search(str(exc)):
+        return True  # a gin-configured entry called without a required parameter: a missing binding
+    return isinstance(exc, _third_party_user_errors())
+
+
+def error_line(prog: str, exc: BaseException) -> str:
+    """`prog: error: <first line of the message> [in <gin configurable>]`, secrets redacted, one line."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    if (isinstance(exc, RuntimeError) and message.startswith("Required bindings for")) or (
+            isinstance(exc, TypeError) and _MISSING_ARGUMENT.search(message)):
+        message += " (bind them in a gin file or with --gin.configurable.param=VALUE)"
+    call = _GIN_CALL.search(text)
+    if call and call.group(1) not in message:
+        message += f" [in {call.group(1)}]"
+    return redact(f"{prog}: error: {message}")
+
+
+def debug_requested(argv: Sequence[str]) -> tuple[bool, list[str]]:
+    """(--debug given or TWOLAR_DEBUG set, argv without --debug)."""
+    rest = [a for a in argv if a != "--debug"]
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return env or len(rest) != len(argv), rest
+
+
+def run_console(prog: str, main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
+    """Call main(argv) and return its exit code (None: 0); user errors become one line on stderr and 2."""
+    debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return int(main(args) or 0)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the one place that decides how an error is shown
+        user = is_user_error(exc)
+        if user and not debug:
+            print(error_line(prog, exc), file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+        if user:
+            print(error_line(prog, exc), file=sys.stderr)
+        return EXIT_USER_ERROR if user else EXIT_BUG
+
+
+# ------------------------------------------------------------------------------------------- flags
+def add_common_flags(parser: argparse.ArgumentParser, *, log_level: str = "INFO",
+                     compile_cache: bool = True) -> argparse.ArgumentParser:
+    """--log_level, --debug and (for programs that compile) --no_compile_cache."""
+    parser.add_argument("--log_level", default=log_level, type=str.upper, choices=LOG_LEVELS,
+                        help=f"logging level (default {log_level})")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of errors (also {DEBUG_ENV}=1)")
+    if compile_cache:
+        parser.add_argument("--no_compile_cache", action="store_true",
+                            help="do not use the persistent JAX compilation cache (also TWOLAR_COMPILE_CACHE=off)")
+    return parser
+
+
+def start(flags: argparse.Namespace) -> None:
+    """Logging at --log_level and, unless turned off, the persistent compilation cache."""
+    from twolar_jax.logging_setup import setup_logging
+
+    setup_logging(flags.log_level)
+    if hasattr(flags, "no_compile_cache") and not flags.no_compile_cache:
+        from twolar_jax.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache()
+
+
+# -------------------------------------------------------------------------------------------- help
+def shipped_gin_files(*prefixes: str) -> list[str]:
+    """Shipped gin files (relative to the gin folder) whose path starts with one of `prefixes`."""
+    from twolar_jax import resources
+
+    root = resources.gin_dir()
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*.gin"))
+    return [n for n in names if not prefixes or n.startswith(prefixes)]
+
+
+def required_macros(relative_path: str) -> list[str]:
+    """Macros a shipped gin file declares as `NAME = %gin.REQUIRED`."""
+    from twolar_jax import resources
+
+    text = (Path(resources.gin_dir()) / relative_path).read_text(encoding="utf-8")
+    return [m.group("name") for m in _REQUIRED_MACRO.finditer(text)]
+
+
+def gin_help(*prefixes: str, note: str = "") -> str:
+    """The --help epilog: the shipped gin files an entry point knows and the macros they require."""
+    from twolar_jax import resources
+
+    files = shipped_gin_files(*prefixes)
+    required = [f"  {name:<22} (declared by {f})" for f in files for name in required_macros(f)]
+    lines = [f"gin files it knows (shipped in {resources.gin_dir()}; pass --gin_file=NAME, repeatable):"]
+    lines += [f"  {f}" for f in files] or ["  (none)"]
+    lines += ["", "required macros (set with --gin.NAME=VALUE, strings quoted: --gin.NAME=\"'...'\"):"]
+    lines += required or ["  (none)"]
+    lines += ["", "any gin parameter can be set with --gin.configurable.param=VALUE; "
+                  "--gin_search_paths=DIR,... adds folders to look gin files up in."]
+    return "\n".join(lines + (["", note] if note else []))
+
+
+def parser_with_gin_help(prog: str, description: str, *prefixes: str, note: str = "") -> argparse.ArgumentParser:
+    """An ArgumentParser whose --help ends with gin_help(*prefixes)."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=gin_help(*prefixes, note=note),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
