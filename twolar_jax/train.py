@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from twolar_jax import checkpointing, gin_utils, partitioning, summaries, trainer
+from twolar_jax import checkpointing, entry, gin_utils, partitioning, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
-from twolar_jax.errors import OptionError
-from twolar_jax.logging_setup import setup_logging
+from twolar_jax.errors import OptionError, check_choice
 from twolar_jax.model.config import T5Config
 from twolar_jax.optimizers import OptimizerConfig
 from twolar_jax.train_loop import BatchSource, LoggingConfig, LoopResult, ValidationConfig, Validator, run_loop
@@ -39,6 +39,7 @@ class TrainResult:
     eval_metrics: Optional[dict[str, float]]
     batches_consumed: int
     stopped_early: bool = False  # the data ran out before total_steps
+    batches_without_pairs: int = 0  # skipped (model unchanged) with groups_without_pairs='skip'
 
 
 def train(
@@ -63,6 +64,7 @@ def train(
     logical_axis_rules: Optional[Sequence[tuple[str, Any]]] = None,
     seed: int = 0,
     export_hf_dir: Optional[str] = None,
+    groups_without_pairs: str = "error",
 ) -> TrainResult:
     """Train a T5 student on teacher-ordered passage groups; resumes from MODEL_DIR's latest checkpoint.
 
@@ -70,9 +72,15 @@ def train(
     `num_microbatches` for gradient accumulation. The mesh spans all devices unless `num_devices`
     picks the first few (single-process only). The data position (batches consumed) is saved with
     each checkpoint and passed back to `train_batches(skip_batches=...)` on resume.
+    groups_without_pairs: a batch in which no query has two real passages is an error ("error"), or is
+    skipped, logged and counted ("skip"; the step then leaves the model and optimizer unchanged).
+    Every option is checked here, before any file is written or any device memory is allocated.
     """
-    if total_steps < 0:
-        raise OptionError(f"train.total_steps must be >= 0, got {total_steps}")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
+        raise OptionError(f"train.total_steps must be an integer >= 0, got {total_steps!r}")
+    check_choice("train.groups_without_pairs", groups_without_pairs, trainer.GROUPS_WITHOUT_PAIRS)
+    if not model_dir:
+        raise OptionError("train.model_dir is required (MODEL_DIR)")
     config = resolve_model_config(model, model_overrides)
     spec = trainer.make_step_spec(loss=loss, loss_options=loss_options, score_head=score_head,
                                   num_microbatches=num_microbatches, enable_dropout=enable_dropout)
@@ -104,7 +112,7 @@ def train(
         result = run_loop(setup, start, train_batches=train_batches, total_steps=total_steps,
                           dropout_rng=seed_rngs(seed)[1], manager=manager, checkpoints=checkpoints,
                           logging_config=logging_config, writer=writer, validator=validator,
-                          on_first_step=on_first_step)
+                          on_first_step=on_first_step, groups_without_pairs=groups_without_pairs)
         _finish(result, start_step, manager, validator, model_dir=model_dir, writer=writer,
                 write_gin_config=logging_config.write_gin_config and is_chief)
     finally:
@@ -117,7 +125,7 @@ def train(
         log.info("exported step %d to %s", result.step, out)
     return TrainResult(step=result.step, model_dir=str(model_dir), train_metrics=result.last_train,
                        eval_metrics=validator.last, batches_consumed=result.batches_consumed,
-                       stopped_early=result.stopped_early)
+                       stopped_early=result.stopped_early, batches_without_pairs=result.batches_without_pairs)
 
 
 def _finish(result: LoopResult, start_step: int, manager, validator: Validator, *, model_dir: str,
@@ -150,8 +158,21 @@ def register_configurables() -> dict[str, Any]:
     return {"train": gin_utils.register(train, name="train", module="twolar_jax.train")}
 
 
+EXPORT_NOTE = ("--export_only --export_hf=DIR needs only the MODEL_DIR to export: --model_dir=DIR (or "
+               "--gin.MODEL_DIR=\"'DIR'\"), no gin file.")
+
+
 def _flags(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="twolar-train", description="Distil teacher rankings into a T5 student.")
+    parser = entry.parser_with_gin_help(
+        "twolar-train", "Distil teacher rankings into a T5 student (gin configures the run).",
+        "runs/distill_train", "experiments/", "models/", "mesh/", note=EXPORT_NOTE)
+    parser.add_argument("--model_dir", default=None, metavar="DIR",
+                        help="MODEL_DIR: checkpoints, config.gin, metrics (same as --gin.MODEL_DIR=\"'DIR'\")")
+    parser.add_argument("--skip_invalid", action="store_true",
+                        help="skip invalid distillation lines, counted and logged (binds SKIP_INVALID = True)")
+    parser.add_argument("--groups_without_pairs", choices=trainer.GROUPS_WITHOUT_PAIRS, default=None,
+                        help="a batch with no query of two real passages: 'error' (default) or 'skip' "
+                             "(binds train.groups_without_pairs)")
     parser.add_argument("--multiprocess", action="store_true", help="call jax.distributed.initialize")
     parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     parser.add_argument("--process_count", type=int, default=None)
@@ -161,33 +182,79 @@ def _flags(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--export_only", action="store_true",
                         help="do not train: export MODEL_DIR's checkpoint (--export_step or latest) to --export_hf")
     parser.add_argument("--export_step", type=int, default=None)
-    parser.add_argument("--log_level", default="INFO")
-    return parser.parse_args(list(argv))
+    entry.add_common_flags(parser)
+    flags, unknown = parser.parse_known_args(list(argv))
+    flags.unknown = unknown  # reported by main, after the more useful "no --gin_file given"
+    return flags
 
 
-def main(argv: Sequence[str]) -> None:
-    flags = _flags(argv)
-    setup_logging(flags.log_level)
+def _flag_bindings(flags: argparse.Namespace) -> list[str]:
+    """The gin bindings that flags stand for (parsed after the user's own, so the flag wins)."""
+    bindings = []
+    if flags.model_dir:
+        bindings.append(f"MODEL_DIR = {str(flags.model_dir)!r}")
+    if flags.skip_invalid:
+        bindings.append("SKIP_INVALID = True")
+    if flags.groups_without_pairs:
+        bindings.append(f"train.groups_without_pairs = {flags.groups_without_pairs!r}")
+    return bindings
+
+
+def _export_only(flags: argparse.Namespace, files: list[str], bindings: list[str], paths: list[str]) -> str:
+    """--export_only: MODEL_DIR from --model_dir, or from gin (a gin file or --gin.MODEL_DIR alone)."""
+    if not flags.export_hf:
+        raise OptionError("--export_only needs --export_hf=DIR")
+    model_dir = flags.model_dir
+    if not model_dir:
+        if not files and not bindings:
+            raise OptionError("--export_only needs --model_dir=DIR (or --gin.MODEL_DIR=\"'DIR'\")")
+        gin_utils.parse_gin_flags(files, bindings, paths)
+        model_dir = _gin_model_dir()
+    out = checkpointing.export_hf(model_dir, flags.export_hf, flags.export_step)
+    log.info("exported %s (step %s) to %s", model_dir, flags.export_step or "latest", out)
+    return f"exported {model_dir} -> {out}"
+
+
+def _gin_model_dir() -> str:
+    """MODEL_DIR as gin has it: the macro, else train.model_dir."""
+    for name in ("MODEL_DIR", "twolar_jax.train.train.model_dir"):
+        try:
+            value = gin_utils.query(name)
+        except (ValueError, KeyError):
+            continue
+        if value:
+            return str(value)
+    raise OptionError("--export_only needs --model_dir=DIR (or --gin.MODEL_DIR=\"'DIR'\")")
+
+
+def main(argv: Sequence[str]) -> int:
+    """Flags and gin from argv, then train (or only export); see console_main for how errors are shown."""
+    files, bindings, paths, rest = gin_utils.split_gin_args(argv)
+    flags = _flags(rest)
+    if not files and not bindings and not flags.export_only:
+        gin_utils.parse_gin_flags([], [])  # raises: every run is a gin file
+    if flags.unknown:
+        raise OptionError(f"unknown arguments {flags.unknown} (twolar-train --help lists the flags; gin "
+                          "parameters go as --gin.NAME=VALUE)")
+    entry.start(flags)
     partitioning.initialize_distributed(coordinator_address=flags.coordinator_address,
                                         process_count=flags.process_count, process_index=flags.process_index,
                                         multiprocess=flags.multiprocess)
     train_fn = register_configurables()["train"]
     if flags.export_only:
-        if not flags.export_hf:
-            raise OptionError("--export_only needs --export_hf=DIR")
-        model_dir = gin_utils.query("twolar_jax.train.train.model_dir")
-        out = checkpointing.export_hf(model_dir, flags.export_hf, flags.export_step)
-        print(f"exported {model_dir} -> {out}")
-        return
+        print(_export_only(flags, files, bindings, paths))
+        return 0
+    gin_utils.parse_gin_flags(files, bindings + _flag_bindings(flags), paths)
     result = train_fn(**({"export_hf_dir": flags.export_hf} if flags.export_hf else {}))
     print(f"done: step {result.step}, train {result.train_metrics}, eval {result.eval_metrics}")
+    return 0
 
 
-def console_main(argv: Optional[Sequence[str]] = None) -> None:
-    """`twolar-train` console script, `twolar train` and `python -m twolar_jax.train`."""
-    register_configurables()
-    gin_utils.run(main, argv)
+def console_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`twolar-train` console script, `twolar train` and `python -m twolar_jax.train`: exit code 0, or 2 with
+    one line on stderr for a user error (--debug: with the traceback)."""
+    return entry.run_console("twolar-train", main, argv)
 
 
 if __name__ == "__main__":
-    console_main()
+    sys.exit(console_main())

@@ -16,6 +16,7 @@ import numpy as np
 
 from twolar_jax import checkpointing, partitioning, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
+from twolar_jax.errors import check_choice
 from twolar_jax.train_setup import RunSetup, StartState
 from twolar_jax.train_state import TrainState
 
@@ -61,6 +62,7 @@ class LoopResult:
     last_train: dict[str, float]
     last_eval: Optional[dict[str, float]]
     stopped_early: bool  # the data ran out before total_steps
+    batches_without_pairs: int = 0  # batches skipped (model unchanged) with groups_without_pairs='skip'
 
 
 class ShapeGuard:
@@ -170,12 +172,40 @@ class Validator:
         return bool(self.validation and self.validation.period and step % self.validation.period == 0)
 
 
+class PairCheck:
+    """What to do with a batch in which no query has two real passages (nothing to compare).
+
+    "error" (the default) stops with a message naming the batch and the option; "skip" logs and counts
+    it, and the step leaves the model and optimizer state unchanged (trainer.make_train_step). Checked
+    on this host's batch, before anything is placed on devices.
+    """
+
+    def __init__(self, policy: str, where: str = "train"):
+        check_choice("train.groups_without_pairs", policy, trainer.GROUPS_WITHOUT_PAIRS)
+        self.policy, self.where, self.skipped = policy, where, 0
+
+    def __call__(self, batch: Mapping[str, Any], index: int) -> None:
+        if trainer.count_ranked_queries(batch["passage_mask"]) > 0:
+            return
+        if self.policy == "error":
+            raise trainer.BatchError(
+                f"{self.where} batch {index}: no query has two real passages (passage_mask), so there is no pair "
+                "to learn from; fix the data, or set train.groups_without_pairs='skip' "
+                "(twolar-train --groups_without_pairs=skip) to skip such batches")
+        self.skipped += 1
+        log.warning("%s batch %d: no query has two real passages; its step leaves the model unchanged "
+                    "(train.groups_without_pairs='skip'; %d such batches so far)", self.where, index, self.skipped)
+
+
 def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, total_steps: int,
              dropout_rng: jax.Array, manager, checkpoints: CheckpointConfig, logging_config: LoggingConfig,
              writer: summaries.SummaryWriter, validator: Validator,
-             on_first_step: Callable[[int], None] = lambda step: None) -> LoopResult:
+             on_first_step: Callable[[int], None] = lambda step: None,
+             groups_without_pairs: str = "error") -> LoopResult:
     """Steps from the start state to total_steps (or until the data runs out), checkpointing and validating."""
     from tqdm.auto import tqdm
+
+    pair_check = PairCheck(groups_without_pairs)
 
     state, step, consumed = start.state, int(jax.device_get(start.state.step)), start.batches_consumed
     first_step = step
@@ -195,6 +225,7 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
                 stopped_early = True
                 log.warning("training data ran out after %d batches, at step %d of %d", consumed, step, total_steps)
                 break
+            pair_check(host_batch, consumed)
             if step_fn is None:
                 step_fn = trainer.partition_train_step(train_step, setup.mesh, setup.rules, setup.shardings,
                                                        host_batch)
@@ -217,4 +248,7 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
         bar.close()
         if window.pending:  # also on an interrupt: keep the metrics of the steps that did run
             last_train = window.flush(writer)
-    return LoopResult(state, step, consumed, last_train, validator.last, stopped_early)
+    if pair_check.skipped:
+        log.warning("%d training batches had no query with two real passages and left the model unchanged",
+                    pair_check.skipped)
+    return LoopResult(state, step, consumed, last_train, validator.last, stopped_early, pair_check.skipped)

@@ -53,16 +53,27 @@ class StartState:
 
 def resolve_model_config(model: str | T5Config | Mapping[str, Any],
                          overrides: Optional[Mapping[str, Any]] = None) -> T5Config:
-    """A preset name ('tiny', 'flan-t5-base', ...), a T5Config or its dict, plus field overrides."""
-    if isinstance(model, T5Config):
-        config = model
-    elif isinstance(model, str):
-        config = preset(model)
-    elif isinstance(model, Mapping):
-        config = T5Config.from_dict(model)
-    else:
-        raise OptionError(f"train.model: expected a preset name, T5Config or dict, got {type(model).__name__}")
-    return config.replace(**dict(overrides)) if overrides else config
+    """A preset name ('tiny', 'flan-t5-base', ...), a T5Config or its dict, plus field overrides.
+
+    A bad preset, field or value (dtype, attention, ...) is an OptionError naming train.model or
+    train.model_overrides, raised before anything is built."""
+    try:
+        if isinstance(model, T5Config):
+            config = model
+        elif isinstance(model, str):
+            config = preset(model)
+        elif isinstance(model, Mapping):
+            config = T5Config.from_dict(model)
+        else:
+            raise OptionError(f"train.model: expected a preset name, T5Config or dict, got {type(model).__name__}")
+    except (ValueError, TypeError) as e:
+        if isinstance(e, OptionError):
+            raise
+        raise OptionError(f"train.model={model!r}: {e}") from None
+    try:
+        return config.replace(**dict(overrides)) if overrides else config
+    except (ValueError, TypeError) as e:
+        raise OptionError(f"train.model_overrides={dict(overrides)!r}: {e}") from None
 
 
 def select_devices(num_devices: Optional[int]) -> Optional[list[jax.Device]]:

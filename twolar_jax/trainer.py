@@ -150,6 +150,19 @@ def query_weights(mask: jax.Array) -> jax.Array:
     return (jnp.sum(mask != 0, axis=-1) >= 2).astype(jnp.float32)
 
 
+def keep_unless(update: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the scalar `update` is true, else `old`, leaf by leaf (inside jit: no host sync)."""
+    return jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)
+
+
+def count_ranked_queries(passage_mask: Any) -> int:
+    """Host-side: how many queries of a batch have at least two real passages (a pair to learn from)."""
+    return int(np.sum(np.sum(np.asarray(passage_mask) != 0, axis=-1) >= 2))
+
+
+GROUPS_WITHOUT_PAIRS = ("error", "skip")
+
+
 def _loss_sum(model, params, mb: Batch, spec: StepSpec, dropout_rng) -> tuple[jax.Array, jax.Array]:
     scores = compute_scores(model, params, mb["encoder_input_tokens"], spec, dropout_rng=dropout_rng)
     per_query = spec.per_query_loss()(scores, mb["teacher_ranks"], mb["passage_mask"], mb.get("teacher_scores"))
@@ -220,15 +233,21 @@ def make_train_step(
             (loss_sum, grad_sum), scores = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
                                                         (mbs, jnp.arange(m)))
             scores = _merge_microbatches(scores)
-        count = jnp.maximum(jnp.sum(query_weights(batch["passage_mask"])), 1.0)
+        ranked = jnp.sum(query_weights(batch["passage_mask"]))
+        count = jnp.maximum(ranked, 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A batch without a comparable pair teaches nothing: leave params and optimizer state as they were
+        # (AdamW's weight decay and moment decay would still move them on a zero gradient).
+        params, opt_state = keep_unless(ranked > 0, (params, opt_state), (state.params, state.opt_state))
         metrics = {
             "loss": loss_sum / count,
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(params),
-            "num_queries": count,
+            "num_queries": ranked,
+            "queries_without_pairs": batch["passage_mask"].shape[0] - ranked,
+            "skipped_no_pairs": (ranked == 0).astype(jnp.float32),
             **_metrics(scores, batch, spec),
         }
         if schedule is not None:
@@ -245,8 +264,9 @@ def make_eval_step(config: T5Config, spec: StepSpec) -> Callable[[Any, Batch], M
     def eval_step(params: Any, batch: Batch) -> Metrics:
         batch = {k: v for k, v in batch.items() if k in BATCH_FEATURES}
         loss_sum, scores = _loss_sum(model, params, batch, spec, None)
-        count = jnp.maximum(jnp.sum(query_weights(batch["passage_mask"])), 1.0)
-        return {"loss": loss_sum / count, "num_queries": count, **_metrics(scores, batch, spec)}
+        ranked = jnp.sum(query_weights(batch["passage_mask"]))
+        # num_queries weighs this batch in the validation mean: a batch without a pair weighs nothing.
+        return {"loss": loss_sum / jnp.maximum(ranked, 1.0), "num_queries": ranked, **_metrics(scores, batch, spec)}
 
     return eval_step
 
