@@ -14,6 +14,9 @@ from typing import Sequence
 
 import yaml
 
+from twolar_jax import entry
+from twolar_jax.errors import OptionError
+
 REFERENCE_FILE = Path(__file__).with_name("reference_scores.yaml")
 
 
@@ -45,14 +48,21 @@ def compare(name: str, entry: dict, got: dict[str, float]) -> list[str]:
     return problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.reference", description=__doc__.split("\n")[0])
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.reference", description=__doc__.split("\n")[0],
+                                     epilog="gin files: none (plain flags; the datasets come from "
+                                            f"{REFERENCE_FILE.name}).")
     parser.add_argument("--datasets", nargs="*", help="subset of the reference file's datasets")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--cache_dir", default=None)
+    entry.add_common_flags(parser, log_level="WARNING", compile_cache=False)
     args = parser.parse_args(argv)
+    entry.start(args)
     reference = load_reference()
     names = args.datasets or list(reference)
+    unknown = [n for n in names if n not in reference]
+    if unknown:
+        raise OptionError(f"--datasets: {unknown} not in {REFERENCE_FILE} (known: {sorted(reference)})")
     failed = False
     for name in names:
         got = reproduce(name, data_dir=args.data_dir, cache_dir=args.cache_dir)
@@ -64,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("FAIL", p)
     print("FAIL" if failed else "OK")
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 (all reproduced), 1 (a score moved), or 2 with one line on stderr for a user error."""
+    return entry.run_console("python -m eval.reference", _main, argv)
 
 
 if __name__ == "__main__":

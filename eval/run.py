@@ -28,9 +28,8 @@ from eval.rerank import PairScorer, rerank
 from retrieval.candidates import requests_from_run
 from retrieval.readers import read_run
 from retrieval.runs import Run, write_trec_run
-from twolar_jax import gin_utils, resources
+from twolar_jax import entry, gin_utils, resources
 from twolar_jax.errors import OptionError, check_choice
-from twolar_jax.logging_setup import setup_logging
 
 log = logging.getLogger("eval")
 MODES = ("rerank", "bm25")
@@ -240,19 +239,65 @@ def register_configurables() -> Any:
     return gin_utils.register(evaluate, name="evaluate")
 
 
-def console_main(argv: Optional[Sequence[str]] = None) -> None:
-    """`twolar-eval` / `python -m eval.run`: gin flags in, `evaluate(...)` out."""
-    setup_logging("INFO")
+EVAL_NOTE = ("rerank mode (the default) needs evaluate.checkpoint (an HF T5 dir or a training MODEL_DIR): "
+             "--gin.evaluate.checkpoint=\"'DIR'\"; every job needs --gin.evaluate.output_dir=\"'DIR'\"; "
+             "--gin.evaluate.mode=\"'bm25'\" scores the first stage alone.")
+
+
+def _flags(argv: Sequence[str]):
+    parser = entry.parser_with_gin_help("twolar-eval", "Rerank and evaluate on TREC DL / BEIR (gin configures the job).",
+                                        "eval/", note=EVAL_NOTE)
+    entry.add_common_flags(parser)
+    return parser.parse_args(list(argv))
+
+
+def _bound(name: str) -> Any:
+    """The value gin binds to `name` (macros followed), or None when unbound."""
+    try:
+        return gin_utils.query(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def check_bound_options() -> None:
+    """Validate evaluate's options where they are given (the gin bindings), before any data is read."""
+    from twolar_jax.model.config import COMPUTE_DTYPES
+    from twolar_jax.scoring import SCORE_HEADS
+    from twolar_jax.tokenizer import TRUNCATION_MODES
+
+    for name, choices in (("evaluate.mode", MODES), ("evaluate.score_head", SCORE_HEADS),
+                          ("evaluate.dtype", COMPUTE_DTYPES), ("evaluate.truncation", TRUNCATION_MODES)):
+        value = _bound(name)
+        if value is not None:
+            check_choice(name, value, choices)
+    if not _bound("evaluate.output_dir"):
+        raise OptionError("evaluate.output_dir is required: --gin.evaluate.output_dir=\"'DIR'\"")
+    if (_bound("evaluate.mode") or "rerank") == "rerank" and not _bound("evaluate.checkpoint"):
+        raise OptionError("evaluate.mode='rerank' needs evaluate.checkpoint: --gin.evaluate.checkpoint=\"'DIR'\" "
+                          "(or --gin.evaluate.mode=\"'bm25'\")")
+    for name in ("evaluate.top_k", "evaluate.batch_size", "evaluate.max_length"):
+        value = _bound(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionError(f"{name}={value!r}: expected an integer >= 1")
+
+
+def _main(argv: list[str]) -> int:
+    files, bindings, paths, rest = gin_utils.split_gin_args(argv)
+    flags = _flags(rest)
+    entry.start(flags)
     configured = register_configurables()
+    gin_utils.parse_gin_flags(files, bindings, paths)
+    check_bound_options()
+    configured()
+    gin_utils.write_operative_config(gin_utils.query("evaluate.output_dir"))
+    return 0
 
-    def main(rest: list[str]) -> None:
-        if rest:
-            raise OptionError(f"unknown arguments {rest}: configure the job with --gin_file / --gin.evaluate.X=V")
-        configured()
-        gin_utils.write_operative_config(gin_utils.query("evaluate.output_dir"))
 
-    gin_utils.run(main, argv)
+def console_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`twolar-eval` / `python -m eval.run`: gin flags in, `evaluate(...)` out; exit code 0, or 2 with one line
+    on stderr for a user error (--debug: with the traceback)."""
+    return entry.run_console("twolar-eval", _main, argv)
 
 
 if __name__ == "__main__":
-    console_main(sys.argv[1:])
+    sys.exit(console_main(sys.argv[1:]))

@@ -12,10 +12,11 @@ import json
 import sys
 from typing import Sequence
 
-from eval.metrics import DEFAULT_MEASURES, evaluate_run, write_json
+from eval.metrics import DEFAULT_MEASURES, evaluate_run, parse_measures, write_json
 from retrieval.readers import read_qrels, read_rank_llm_jsonl, read_run, requests_in_file_order
 from retrieval.runs import TIE_RULES
-from twolar_jax.errors import FormatError, TwolarError
+from twolar_jax import entry
+from twolar_jax.errors import FormatError
 
 
 def score_run_file(qrels_path: str, run_path: str, measures: Sequence[str] = DEFAULT_MEASURES, *,
@@ -38,8 +39,10 @@ def score_rank_llm_file(qrels_path: str, path: str, measures: Sequence[str] = DE
     return evaluate_run(qrels, run, measures)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.trec", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval.trec", description=__doc__.split("\n")[0],
+                                     epilog="gin files: none (plain flags only).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--qrels", required=True, help="TREC qrels (qid iter docid rel), .gz allowed")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="TREC run (qid Q0 docid rank score tag), .gz allowed")
@@ -51,23 +54,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ignore run queries absent from the qrels instead of failing")
     parser.add_argument("--per_query", help="also write per-query values to this JSON file")
     parser.add_argument("--digits", type=int, default=None, help="round values in the printed JSON")
-    args = parser.parse_args(argv)
-    try:
-        if args.run:
-            aggregate, per_query = score_run_file(args.qrels, args.run, args.measures, ties=args.ties,
-                                                  allow_unjudged=args.allow_unjudged)
-        else:
-            aggregate, per_query = score_rank_llm_file(args.qrels, args.rank_llm_jsonl, args.measures,
-                                                       allow_unjudged=args.allow_unjudged)
-    except (TwolarError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    entry.add_common_flags(parser, log_level="WARNING", compile_cache=False)
+    return parser
+
+
+def _main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    entry.start(args)
+    parse_measures(args.measures)  # a bad measure name is an error before any file is read
+    if args.run:
+        aggregate, per_query = score_run_file(args.qrels, args.run, args.measures, ties=args.ties,
+                                              allow_unjudged=args.allow_unjudged)
+    else:
+        aggregate, per_query = score_rank_llm_file(args.qrels, args.rank_llm_jsonl, args.measures,
+                                                   allow_unjudged=args.allow_unjudged)
     if args.per_query:
         write_json(args.per_query, per_query)
     if args.digits is not None:
         aggregate = {k: round(v, args.digits) for k, v in aggregate.items()}
     print(json.dumps(aggregate))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0, or 2 with one line on stderr naming the file, line and field of a bad input (--debug: traceback)."""
+    return entry.run_console("python -m eval.trec", _main, argv)
 
 
 if __name__ == "__main__":

@@ -160,16 +160,19 @@ def test_beir_bm25_first_stage_and_remove_query(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 1  # reused
 
 
-def test_gin_entry_bm25_mode(tmp_path, repo_root):
+def test_gin_entry_bm25_mode(tmp_path, repo_root, capsys):
     out = tmp_path / "gin_out"
-    console_main(["--gin_file=eval/trec_dl20.gin", "--gin.evaluate.mode='bm25'", f"--gin.evaluate.output_dir='{out}'"])
+    assert console_main(["--gin_file=eval/trec_dl20.gin", "--gin.evaluate.mode='bm25'",
+                         f"--gin.evaluate.output_dir='{out}'", "--no_compile_cache"]) == 0
     assert (out / "results.md").read_text().splitlines()[2].startswith("| trec_dl/dl20 | 0.4796 |")
     assert "evaluate.mode = 'bm25'" in (out / "config.gin").read_text()
     import gin
 
     gin.clear_config()
-    with pytest.raises(ValueError, match="needs evaluate.checkpoint"):
-        console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'"])
+    # A user error is one line on stderr and exit code 2 (the console entry's contract).
+    assert console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'",
+                         "--no_compile_cache"]) == 2
+    assert "needs evaluate.checkpoint" in capsys.readouterr().err
     gin.clear_config()
     from twolar_jax import gin_utils
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from twolar_jax import gin_utils
-from twolar_jax.logging_setup import setup_logging
+from twolar_jax import entry, gin_utils
+from twolar_jax.errors import OptionError
 from twolar_jax.durable_io import atomic_writer, write_json_atomic, write_text_atomic
 
 STAGES = ("build", "train", "eval", "report")
@@ -203,30 +203,60 @@ STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "eval": stage_eva
 
 # --- program -------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="twolar demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The demo's flags; what remains are gin flags (--gin_file, --gin.NAME=VALUE, ...)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m twolar_jax.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=entry.gin_help("experiments/demo", note="--output_dir sets OUTPUT_DIR, MODEL_DIR and DISTILL_JSONL "
+                                                        "(the required macros) under it."))
     parser.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU (CI runs this)")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     parser.add_argument("--force", action="store_true", help="re-run the named stages even if finished")
-    parser.add_argument("--log_level", default="WARNING")
+    entry.add_common_flags(parser, log_level="WARNING")
     return parser.parse_known_args(list(argv))
+
+
+def parse_stages(value: str) -> list[str]:
+    """The --stages list, checked: a non-empty comma-separated subset of STAGES."""
+    stages = [s.strip() for s in value.split(",") if s.strip()]
+    if not stages:
+        raise OptionError(f"--stages={value!r}: name at least one of {STAGES}")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise OptionError(f"--stages={value!r}: unknown stages {unknown}; expected a subset of {STAGES}")
+    return stages
+
+
+def prepare_output_dir(output_dir: str) -> DemoPaths:
+    """The output folder, created now: a path that cannot be created is one error naming it."""
+    paths = DemoPaths(Path(output_dir).expanduser().resolve())
+    try:
+        (paths.root / "stages").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"--output_dir={output_dir!r}: cannot create {paths.root / 'stages'} "
+                          f"({e.strerror or e})") from None
+    if not os.access(paths.root, os.W_OK):
+        raise OptionError(f"--output_dir={output_dir!r}: {paths.root} is not writable")
+    return paths
 
 
 def run_demo(argv: Sequence[str]) -> dict:
     args, rest = parse_args(argv)
-    setup_logging(args.log_level)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise SystemExit(f"unknown stages {unknown}; expected a subset of {STAGES}")
+    stages = parse_stages(args.stages)
     files, bindings, search_paths, leftover = gin_utils.split_gin_args(rest)
     if leftover:
-        raise SystemExit(f"unknown arguments {leftover}")
-    paths = DemoPaths(Path(args.output_dir).resolve())
+        raise OptionError(f"unknown arguments {leftover} (see --help)")
+    entry.start(args)
+    paths = prepare_output_dir(args.output_dir)
+    if "report" in stages and "eval" not in stages and not paths.stage_marker("eval").exists():
+        raise OptionError(f"--stages={args.stages!r}: the report needs the eval stage, which has not run in "
+                          f"{paths.root} (add eval to --stages)")
+    from retrieval.lucene import ensure_java
+
+    ensure_java()  # before anything imports pyserini/jnius
     base = ["experiments/demo_quick.gin" if args.quick else "experiments/demo.gin"]
-    stage_bindings = [f"OUTPUT_DIR = '{paths.build}'", f"MODEL_DIR = '{paths.student}'",
-                      f"DISTILL_JSONL = '{paths.build / 'train.jsonl'}'"]
+    stage_bindings = [f"OUTPUT_DIR = {str(paths.build)!r}", f"MODEL_DIR = {str(paths.student)!r}",
+                      f"DISTILL_JSONL = {str(paths.build / 'train.jsonl')!r}"]
     configured = register_configurables()
     gin_utils.parse_gin_flags(base + files, stage_bindings + bindings, search_paths)
     summaries = {}
@@ -249,15 +279,17 @@ def run_demo(argv: Sequence[str]) -> dict:
     return summaries
 
 
-def console_main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from retrieval.lucene import ensure_java
-
-    ensure_java()  # before anything imports pyserini/jnius
-    run_demo(sys.argv[1:] if argv is None else argv)
+    run_demo(argv)
     return 0
+
+
+def console_main(argv: Sequence[str] | None = None) -> int:
+    """`twolar demo` / `python -m twolar_jax.demo`: 0, or 2 with one line on stderr for a user error."""
+    return entry.run_console("twolar demo", _main, argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 
 from data_pipeline.set_builder.build import MANIFEST
 from data_pipeline.set_builder.configurables import register_build
-from twolar_jax import gin_utils
-from twolar_jax.logging_setup import setup_logging
+from twolar_jax import entry, gin_utils
+from twolar_jax.secrets import redact
 
 log = logging.getLogger("data_pipeline.build")
 EXIT_CODES = {"complete": 0, "incomplete": 1, "aborted": 2}
@@ -28,27 +28,41 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def console_main(argv: Optional[Sequence[str]] = None) -> int:
-    setup_logging("INFO")
+def _flags(argv: Sequence[str]):
+    parser = entry.parser_with_gin_help(
+        "twolar-build", "Build (or resume) a distillation set: query sources, retrievers, teacher (gin configures it).",
+        "runs/build_", note="Exit codes: 0 every query labelled, 1 some left (re-run to retry them), 2 the teacher "
+                            "aborted (bad key, unknown model) or the configuration is wrong. The API key: "
+                            "$OPENAI_API_KEY, llm_client.ChatClient.api_key, or http://user:KEY@host/v1 as "
+                            "llm_client.ChatClient.base_url; it is never written anywhere.")
+    entry.add_common_flags(parser)
+    return parser.parse_args(list(argv))
+
+
+def _main(argv: list[str]) -> int:
+    files, bindings, paths, rest = gin_utils.split_gin_args(argv)
+    flags = _flags(rest)
+    entry.start(flags)
     configured = register_build()
+    gin_utils.parse_gin_flags(files, bindings, paths)
+    manifest = configured(write_gin_config=True)
+    status = manifest["runs"][-1]["status"]
+    labels = manifest["labelled"]
+    log.info("build %s: %d queries labelled (%s); manifest at %s", status, labels["queries"],
+             labels["by_query_type"], Path(manifest["build"]["output_dir"]) / MANIFEST)
+    if status == "aborted":
+        print(redact(f"twolar-build: error: the teacher aborted: {manifest['runs'][-1].get('aborted', '?')}"),
+              file=sys.stderr)
+    return EXIT_CODES.get(status, 1)
+
+
+def console_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`twolar-build`: the exit codes above; a user error is one line on stderr (--debug: the traceback)."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    code = [0]
-
-    def main(rest: list[str]) -> None:
-        if rest:
-            raise SystemExit(f"unknown arguments: {rest}")
-        manifest = configured(write_gin_config=True)
-        status = manifest["runs"][-1]["status"]
-        labels = manifest["labelled"]
-        log.info("build %s: %d queries labelled (%s); manifest at %s", status, labels["queries"],
-                 labels["by_query_type"], Path(manifest["build"]["output_dir"]) / MANIFEST)
-        code[0] = EXIT_CODES.get(status, 1)
-
     try:
-        gin_utils.run(main, list(sys.argv[1:] if argv is None else argv))
+        return entry.run_console("twolar-build", _main, argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return code[0]
 
 
 if __name__ == "__main__":
