@@ -18,10 +18,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, MutableMapping, Optional, Union
 
 from twolar_jax.durable_io import atomic_writer
-from twolar_jax.errors import FormatError, PathLike
+from twolar_jax.errors import FormatError, MissingFileError, PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class DistillRecord:
             object.__setattr__(self, "teacher_scores", tuple(float(s) for s in self.teacher_scores))
 
 
+_LOGGED_SKIPS = 10  # invalid lines logged one by one; the rest only counted (and summed up at the end)
+
+
 def new_stats() -> dict[str, Any]:
     """The counters `read_*` fill in: lines seen, records yielded, blank lines, skipped lines by field."""
     return {"lines": 0, "records": 0, "blank": 0, "skipped": 0, "skipped_by_field": {}}
@@ -75,6 +79,14 @@ def _require_str(obj: Mapping[str, Any], key: str, field: str, err: Callable[[st
     if not allow_empty and not value.strip():
         raise err(field, "empty string")
     return value
+
+
+def _finite_float(value: int | float) -> bool:
+    """True when the number is a finite float64 (a JSON integer may be too large for one)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _validate_record(obj: Any, err: Callable[[str, str], FormatError]) -> DistillRecord:
@@ -114,8 +126,9 @@ def _validate_record(obj: Any, err: Callable[[str, str], FormatError]) -> Distil
         for i, s in enumerate(scores):
             if isinstance(s, bool) or not isinstance(s, (int, float)):
                 raise err(f"teacher_scores[{i}]", f"expected a number, got {_type_name(s)}")
-            if not math.isfinite(s):
-                raise err(f"teacher_scores[{i}]", f"not finite ({s})")
+            if not _finite_float(s):
+                raise err(f"teacher_scores[{i}]", f"not finite ({s})" if isinstance(s, float) else
+                          f"not finite as a float64 ({str(s)[:20]}...)")
         scores = tuple(float(s) for s in scores)
     return DistillRecord(qid=qid, query=query, query_type=query_type, candidates=tuple(candidates),
                          teacher_scores=scores)
@@ -135,6 +148,8 @@ def _loads(text: str, err: Callable[[str, str], FormatError]) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise err("line", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # e.g. a number of more than 4300 digits (Python's int-from-text limit)
+        raise err("line", f"malformed JSON ({str(e).split(';')[0]})") from None
 
 
 def _error_factory(path: PathLike, lineno: int) -> Callable[[str, str], FormatError]:
@@ -151,8 +166,17 @@ def parse_distill_line(line: Union[str, bytes], *, path: PathLike = "<string>", 
 # Reading files line by line (bytes, so a bad UTF-8 line is named by its number).
 
 
+def _open_input(path: PathLike):
+    """Open a distillation file for bytes; a missing path or a directory is an error naming it."""
+    if os.path.isdir(path):
+        raise FormatError(path, None, None, "is a directory, expected a JSONL file")
+    if not os.path.exists(path):
+        raise MissingFileError(f"{path}: no such distillation file")
+    return open(path, "rb")
+
+
 def _iter_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as fh:
+    with _open_input(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark is not an error
@@ -164,7 +188,17 @@ def _count_skip(stats: MutableMapping[str, Any], error: FormatError) -> None:
     stats["skipped"] += 1
     key = error.field.split("[")[0].split(".")[0]
     stats["skipped_by_field"][key] = stats["skipped_by_field"].get(key, 0) + 1
-    logger.warning("skipping invalid line: %s", error)
+    if stats["skipped"] <= _LOGGED_SKIPS:
+        logger.warning("skipping invalid line: %s", error)
+    elif stats["skipped"] == _LOGGED_SKIPS + 1:
+        logger.warning("skipping more invalid lines of %s; the count follows at the end", error.path)
+
+
+def _log_skip_summary(path: PathLike, stats: Mapping[str, Any], level: int = logging.INFO) -> None:
+    """One line with how many lines were skipped as invalid, by field (with skip_invalid)."""
+    if stats.get("skipped"):
+        logger.log(level, "%s: skipped %d invalid of %d lines (by field: %s); %d records kept", path,
+                   stats["skipped"], stats["lines"], stats["skipped_by_field"], stats["records"])
 
 
 def _read_validated(path: PathLike, convert: Callable[[Any, Callable[[str, str], FormatError], int], Any], *,
@@ -189,6 +223,7 @@ def _read_validated(path: PathLike, convert: Callable[[Any, Callable[[str, str],
             continue
         stats["records"] += 1
         yield item
+    _log_skip_summary(path, stats)
 
 
 def read_distill_jsonl(path: PathLike, *, skip_invalid: bool = False,
@@ -343,14 +378,17 @@ class DistillIndex:
     Why: the training source shuffles whole queries (not a small buffer of tokenized groups) and must
     fail before training starts, not hours in. So the file is validated once, in full, here (a bad line
     raises FormatError, or is counted and logged with skip_invalid); records are re-read by offset.
+    Queries with a single candidate (no pair to learn from, unless padding='twolar' adds padding
+    passages) are counted in `single_candidate` and logged here, at the training data's boundary.
     """
 
     def __init__(self, path: PathLike, *, skip_invalid: bool = False):
         self.path = str(path)
         self.stats = new_stats()
+        self.single_candidate = 0  # queries with one candidate: counted and logged at this boundary
         entries: list[IndexEntry] = []
         offset = 0
-        with open(self.path, "rb") as fh:
+        with _open_input(self.path) as fh:
             for lineno, raw in enumerate(fh, start=1):
                 start, offset = offset, offset + len(raw)
                 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -367,7 +405,14 @@ class DistillIndex:
                     _count_skip(self.stats, e)
                     continue
                 self.stats["records"] += 1
+                if len(record.candidates) < 2:
+                    self.single_candidate += 1
                 entries.append(IndexEntry(start, lineno, record.query_type))
+        _log_skip_summary(self.path, self.stats, logging.WARNING)
+        if self.single_candidate:
+            logger.warning("%s: %d of %d queries have a single candidate: nothing to compare, so they teach nothing "
+                           "unless padding='twolar' adds padding passages to rank below them", self.path,
+                           self.single_candidate, self.stats["records"])
         self.entries: tuple[IndexEntry, ...] = tuple(entries)
 
     def __len__(self) -> int:

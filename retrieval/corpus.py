@@ -106,6 +106,8 @@ def _parse_jsonl_line(path: Path, lineno: int, line: str) -> tuple[str, str, str
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise FormatError(path, lineno, "line", f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # e.g. a number of more than 4300 digits (Python's int-from-text limit)
+        raise FormatError(path, lineno, "line", f"invalid JSON ({str(e).split(';')[0]})") from None
     if not isinstance(obj, dict):
         raise FormatError(path, lineno, "line", f"expected a JSON object, got {type(obj).__name__}")
     docid = _string_field(obj, ("_id", "docid", "id"), path, lineno, required=True)

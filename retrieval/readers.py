@@ -26,6 +26,8 @@ def _json_object(path: PathLike, lineno: int, line: str) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise FormatError(path, lineno, "line", f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # e.g. a number of more than 4300 digits (Python's int-from-text limit)
+        raise FormatError(path, lineno, "line", f"invalid JSON ({str(e).split(';')[0]})") from None
     if not isinstance(obj, dict):
         raise FormatError(path, lineno, "line", f"expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -53,7 +55,10 @@ def _number(obj: Mapping, key: str, path: PathLike, lineno: Optional[int], *, de
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FormatError(path, lineno, f"{where}{key}", f"expected a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer beyond float64
+        raise FormatError(path, lineno, f"{where}{key}", f"not finite as a float64 ({str(value)[:20]}...)") from None
     if not math.isfinite(value):
         raise FormatError(path, lineno, f"{where}{key}", f"not finite ({value})")
     return value
@@ -230,6 +235,8 @@ def read_candidates_json(path: PathLike) -> list[RankRequest]:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise FormatError(path, e.lineno, "line", f"invalid JSON ({e.msg})") from None
+    except ValueError as e:  # e.g. a number of more than 4300 digits (Python's int-from-text limit)
+        raise FormatError(path, None, "line", f"invalid JSON ({str(e).split(';')[0]})") from None
     if not isinstance(data, list):
         raise FormatError(path, None, None, "expected a JSON list of {query, hits}")
     requests, seen = [], set()

@@ -112,13 +112,41 @@ def name_table(c: T5Config) -> list[Rule]:
 
 # --- reading ------------------------------------------------------------------------------------
 def _read_safetensors(path: Path) -> TensorMap:
+    """All tensors of one .safetensors file; a truncated or corrupt file is a CheckpointError naming it."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
     try:
-        return load_file(str(path))
-    except TypeError:
-        # numpy has no bfloat16: read through ml_dtypes via the flax/jax loader.
-        from safetensors.flax import load_file as load_flax
-        return {k: np.asarray(v) for k, v in load_flax(str(path)).items()}
+        try:
+            return load_file(str(path))
+        except TypeError:
+            # numpy has no bfloat16: read through ml_dtypes via the flax/jax loader.
+            from safetensors.flax import load_file as load_flax
+            return {k: np.asarray(v) for k, v in load_flax(str(path)).items()}
+    except (SafetensorError, OSError, ValueError, TypeError, OverflowError, MemoryError) as err:
+        if isinstance(err, (FileNotFoundError, CheckpointError)):
+            raise
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}); is it truncated or "
+                              "corrupt? re-download or re-export it") from None
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file), checked."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{index}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{index}: not UTF-8 text") from None
+    except ValueError as err:  # e.g. a number of more than 4300 digits
+        raise CheckpointError(f"{index}: invalid JSON ({str(err).split(';')[0]})") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{index}: weight_map: missing field (expected {{tensor name: shard file}})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file name")
+    return weight_map
 
 
 def _read_torch_bin(path: Path) -> TensorMap:
@@ -140,11 +168,11 @@ def read_hf_tensors(path: str | os.PathLike) -> TensorMap:
     if single.exists():
         return _read_safetensors(single)
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_index(index)
         tensors: TensorMap = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = path / shard
-            if not shard_path.exists():
+            if not shard_path.is_file():
                 raise CheckpointError(f"{index}: shard {shard} is listed but missing")
             tensors.update(_read_safetensors(shard_path))
         missing = sorted(set(weight_map) - set(tensors))
@@ -162,17 +190,34 @@ def read_hf_config_dict(path: str | os.PathLike) -> dict:
     if not config_path.exists():
         raise MissingFileError(f"{config_path}: missing (an HF T5 checkpoint dir needs config.json)")
     try:
-        values = json.loads(config_path.read_text())
+        values = json.loads(config_path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
+        raise CheckpointError(f"{config_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{config_path}: not UTF-8 text (byte offset {err.start})") from None
+    except ValueError as err:  # e.g. a number of more than 4300 digits
+        raise CheckpointError(f"{config_path}: invalid JSON ({str(err).split(';')[0]})") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{config_path}: is a directory, expected a JSON file") from None
     if not isinstance(values, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(values).__name__}")
     return values
 
 
 def read_hf_config(path: str | os.PathLike, *, tied: bool | None = None) -> T5Config:
     """The T5Config of an HF dir; `tied` as the weights say (see lm_head_is_tied), else config.json's word."""
-    return T5Config.from_hf_dict(read_hf_config_dict(path), source=str(Path(path) / "config.json"), tied=tied)
+    return _config_from_hf_dict(read_hf_config_dict(path), Path(path) / "config.json", tied)
+
+
+def _config_from_hf_dict(values: dict, config_path: Path, tied: bool | None) -> T5Config:
+    """T5Config.from_hf_dict, where a field of the wrong type or out of range is a CheckpointError naming the file."""
+    try:
+        return T5Config.from_hf_dict(values, source=str(config_path), tied=tied)
+    except (ValueError, TypeError, OverflowError, AttributeError, IndexError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        message = str(err)  # e.g. null for a size, a number for an architecture
+        raise CheckpointError(message if message.startswith(str(config_path)) else f"{config_path}: {message}") from None
 
 
 def lm_head_is_tied(tensors: Mapping[str, np.ndarray]) -> bool:
@@ -250,7 +295,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, scan_layers: bool = False) ->
     if tied and values.get("tie_word_embeddings") is False:
         log.warning("%s: config.json says tie_word_embeddings=false but there is no lm_head.weight distinct from "
                     "shared.weight: the output projection is shared.weight, as transformers 5 loads it", path)
-    config = T5Config.from_hf_dict(values, source=str(Path(path) / "config.json"), tied=tied)
+    config = _config_from_hf_dict(values, Path(path) / "config.json", tied)
     config = config.replace(scan_layers=scan_layers)
     return config, hf_to_params(tensors, config, source=str(path))
 
