@@ -144,7 +144,8 @@ def describe_gin_error(exc: BaseException, where: str) -> str:
     required = _GIN_REQUIRED_MACRO.match(first)
     if required:
         name = required.group("name")
-        return f"required macro {name} is not set: add --gin.{name}=VALUE (a string needs quotes: \"'...'\")"
+        return (f"required macro {name} is not set (it is %gin.REQUIRED): add --gin.{name}=VALUE "
+                "(a string needs quotes: \"'...'\")")
     if isinstance(exc, tokenize.TokenError):
         what = exc.args[0] if exc.args else "incomplete statement"
         return f"{where}: gin: cannot parse ({what}; an unclosed bracket or quote?)"
