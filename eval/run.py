@@ -246,7 +246,7 @@ EVAL_NOTE = ("rerank mode (the default) needs evaluate.checkpoint (an HF T5 dir 
 
 def _flags(argv: Sequence[str]):
     parser = entry.parser_with_gin_help("twolar-eval", "Rerank and evaluate on TREC DL / BEIR (gin configures the job).",
-                                        "eval/", note=EVAL_NOTE)
+                                        "eval/", "mesh/", note=EVAL_NOTE)
     entry.add_common_flags(parser)
     return parser.parse_args(list(argv))
 
@@ -279,6 +279,26 @@ def check_bound_options() -> None:
         value = _bound(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise OptionError(f"{name}={value!r}: expected an integer >= 1")
+    if (_bound("evaluate.mode") or "rerank") == "rerank":
+        _check_mesh_shape(_bound("evaluate.mesh_shape"))
+
+
+def _check_mesh_shape(shape: Any) -> None:
+    """evaluate.mesh_shape: three sizes over (data, fsdp, model) that the devices can fill."""
+    if shape is None:
+        return
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise OptionError(f"evaluate.mesh_shape={shape!r}: expected three integers (data, fsdp, model), "
+                          "one of them may be -1")
+    import jax
+
+    from twolar_jax.partitioning import fill_mesh_shape
+
+    try:
+        fill_mesh_shape(tuple(shape), jax.device_count())
+    except OptionError as e:
+        raise OptionError(f"evaluate.mesh_shape: {e}") from None
 
 
 def _main(argv: list[str]) -> int:

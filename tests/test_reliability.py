@@ -536,7 +536,9 @@ def test_reliab_eval_options_checked_at_flag_parsing(tmp_path, capsys, clean_sta
     for binding, what in [("--gin.evaluate.dtype='float16'", "evaluate.dtype='float16': expected one of"),
                           ("--gin.evaluate.score_head='logit'", "evaluate.score_head='logit'"),
                           ("--gin.evaluate.truncation='middle'", "evaluate.truncation='middle'"),
-                          ("--gin.evaluate.mode='dense'", "evaluate.mode='dense'")]:
+                          ("--gin.evaluate.mode='dense'", "evaluate.mode='dense'"),
+                          ("--gin.MESH_SHAPE=(3, 1, 1)", "evaluate.mesh_shape: mesh shape (3, 1, 1) needs 3 devices"),
+                          ("--gin.MESH_SHAPE=(-1, 1)", "evaluate.mesh_shape=(-1, 1): expected three integers")]:
         gin.clear_config()
         code = console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'",
                              "--gin.evaluate.checkpoint='/nope'", binding, "--no_compile_cache"])
@@ -558,7 +560,7 @@ HELP_CASES = [
     ("twolar_jax.train", "console_main", ["--skip_invalid", "--model_dir", "--log_level", "--no_compile_cache",
                                           "experiments/tiny_smoke.gin", "models/flan_t5_large.gin",
                                           "mesh/fsdp.gin", "runs/distill_train.gin", "MODEL_DIR", "DISTILL_JSONL"]),
-    ("eval.run", "console_main", ["--log_level", "--debug", "eval/trec_dl19.gin", "eval/beir.gin",
+    ("eval.run", "console_main", ["--log_level", "--debug", "eval/trec_dl19.gin", "eval/beir.gin", "mesh/fsdp.gin",
                                   "evaluate.checkpoint"]),
     ("data_pipeline.set_builder.cli", "console_main", ["--log_level", "runs/build_scifact_offline.gin",
                                                        "runs/build_msmarco_openai.gin", "OUTPUT_DIR",
