@@ -37,8 +37,8 @@ from retrieval.readers import (RankCandidate, RankRequest, read_candidates_json,
                                read_rank_llm_jsonl, read_run)
 from retrieval.runs import Run, sort_hits, write_trec_run
 from twolar_jax.durable_io import atomic_writer
-from twolar_jax.errors import FormatError, MissingFileError, OptionError, TwolarError
-from twolar_jax.logging_setup import setup_logging
+from twolar_jax import entry
+from twolar_jax.errors import FormatError, MissingFileError, OptionError
 from twolar_jax.model.config import COMPUTE_DTYPES
 from twolar_jax.scoring import SCORE_HEADS
 
@@ -164,21 +164,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--truncation", default="document", help="what is cut when a pair is too long")
     p.add_argument("--pairs_per_call", type=int, default=1024, help="pairs handed to the scorer at once")
     p.add_argument("--run_tag", default="twolar")
-    p.add_argument("--log_level", default="INFO")
+    entry.add_common_flags(p)
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        setup_logging(args.log_level)
-        metrics = rerank_file(args)
-    except TwolarError as e:
-        print(f"error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    entry.start(args)
+    metrics = rerank_file(args)
     if metrics is not None:
         print(json.dumps(metrics))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """0, or 2 with one line on stderr naming the file, line, field or option (--debug: the traceback)."""
+    return entry.run_console("python -m eval.rerank_run", _main, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from twolar_jax.compile_cache import enable_compilation_cache  # noqa: E402
+
+# Before anything compiles: jax decides once per process whether the persistent cache is on. The tests
+# compile the same small programs many times (a fresh jit per train() call), so the cache pays.
+enable_compilation_cache()
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 

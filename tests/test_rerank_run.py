@@ -191,7 +191,7 @@ def test_rerank_run_errors_are_one_line_with_exit_code_2(ckpt, dl19, data_dir, t
         capsys.readouterr()
         assert rerank_run.main(base + extra) == 2
         err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        lines = [line for line in err.splitlines() if line.startswith("python -m eval.rerank_run: error: ")]
         assert len(lines) == 1 and message in lines[0], (message, err)
     assert not (tmp_path / "o.trec").exists()
 
