@@ -205,17 +205,22 @@ def evaluate(
         timings[name] = time.time() - start
         log.info("%s (%s queries): %s (%.1fs)", name, queries_label(*counts[name]),
                  " ".join(f"{k}={v:.4f}" for k, v in results[name].items()), timings[name])
-    beir = [n for n in names if n.startswith("beir/")]
+    header = {"mode": mode, "checkpoint": checkpoint, "depth": depth, "measures": list(measures)}
+    print(_write_tables(out, results, counts, header, seconds=timings), end="")
+    return results
+
+
+def _write_tables(out: Path, results: dict, counts: dict, header: dict, *, seconds: dict) -> str:
+    """results.md (with how many of each set's queries) and results.json, a BEIR average row; the table."""
+    measures = header["measures"]
+    beir = [n for n in results if n.startswith("beir/")]
     rows = results_table(results, measures, beir_datasets=beir)
     counted = results_table(results, measures, beir_datasets=beir, counts=counts)
     table = to_markdown(counted, measures)
     write_text(out / "results.md", table)
     queries = {r["dataset"]: {k: r[k] for k in ("queries", "num_queries", "total_queries")} for r in counted}
-    write_json(out / "results.json", {"mode": mode, "checkpoint": checkpoint, "depth": depth,
-                                      "measures": list(measures), "rows": rows, "queries": queries,
-                                      "seconds": timings})
-    print(table, end="")
-    return results
+    write_json(out / "results.json", {**header, "rows": rows, "queries": queries, "seconds": seconds})
+    return table
 
 
 def _measures_for(measures: Optional[Sequence[str]], depth: int) -> tuple[str, ...]:

@@ -95,13 +95,9 @@ def train(
         start = create_or_restore(setup, manager, resume=checkpoints.resume, init_checkpoint=init_checkpoint,
                                   seed=seed)
         start_step = int(jax.device_get(start.state.step))  # the state is donated to the first step
-        writer = summaries.SummaryWriter(model_dir, "train", tensorboard=logging_config.tensorboard,
-                                         truncate_after=start.restored_step or 0)
-        writers.append(writer)
-        eval_writer = summaries.SummaryWriter(model_dir, "validation", tensorboard=logging_config.tensorboard,
-                                              truncate_after=start.restored_step or 0) if validation else None
-        writers += [eval_writer] if eval_writer else []
-        validator = Validator(setup, validation, eval_writer)
+        writers = _open_writers(model_dir, logging_config, validation is not None, start.restored_step)
+        writer = writers[0]
+        validator = Validator(setup, validation, writers[1] if validation else None)
         if validation is not None and validation.at_start and start_step < total_steps:
             validator(start_step, start.state.params)
 
@@ -126,6 +122,14 @@ def train(
     return TrainResult(step=result.step, model_dir=str(model_dir), train_metrics=result.last_train,
                        eval_metrics=validator.last, batches_consumed=result.batches_consumed,
                        stopped_early=result.stopped_early, batches_without_pairs=result.batches_without_pairs)
+
+
+def _open_writers(model_dir: str, logging_config: LoggingConfig, validation: bool,
+                  restored_step: Optional[int]) -> list[summaries.SummaryWriter]:
+    """The train (and validation) writers, their JSONL cut back to the restored step (0: a fresh start)."""
+    splits = ("train", "validation") if validation else ("train",)
+    return [summaries.SummaryWriter(model_dir, split, tensorboard=logging_config.tensorboard,
+                                    truncate_after=restored_step or 0) for split in splits]
 
 
 def _finish(result: LoopResult, start_step: int, manager, validator: Validator, *, model_dir: str,
