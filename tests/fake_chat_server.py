@@ -17,7 +17,11 @@ when a query's actions run out it answers right. Actions:
     401           HTTP 401 (a bad key: fatal)
 
 Usage: prompt_tokens = words in all messages, completion_tokens = words in the answer. Every request
-is logged in `calls` (never the key: only whether the bearer token matched `expected_key`).
+is logged in `calls` with its messages (never the key: only whether the bearer token matched
+`expected_key`). A request whose body did not fully arrive (a client killed between sending the
+headers and the body: httpcore writes them separately) is no request: no call is logged, no action is
+played, it goes to `incomplete`. `wait_idle()` waits until no connection is open, e.g. until every
+request a killed client had sent has been read and logged.
 Run as a script for the benchmark: `python tests/fake_chat_server.py` prints "PORT <n>" and serves.
 """
 from __future__ import annotations
@@ -75,7 +79,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server API)
         t_start = time.time()
         length = int(self.headers.get("Content-Length", 0))
-        body = json.loads(self.rfile.read(length) or b"{}")
+        raw = self.rfile.read(length)
+        if len(raw) < length:  # the client died mid-request: nothing was asked (an empty body is not `{}`)
+            self.server.fake.log_incomplete({"t_start": t_start, "content_length": length, "received": len(raw)})
+            self.close_connection = True
+            return
+        body = json.loads(raw or b"{}")
         if not self.path.endswith("/chat/completions"):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
@@ -94,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
                 passages.append(pm.group(2))
         action = fake.next_action(query)
         params = {k: body[k] for k in ("temperature", "max_tokens") if k in body}
-        entry = {"query": query, "n": len(passages), "action": action, "t_start": t_start,
+        entry = {"query": query, "n": len(passages), "action": action, "t_start": t_start, "messages": messages,
                  "cache_key": request_key(body.get("model", ""), {"messages": messages, **params}),
                  "auth_ok": self.headers.get("Authorization") == f"Bearer {fake.expected_key}"}
         fake.log(entry)  # at receipt: a request whose client gave up (hang) is still counted
@@ -142,6 +151,20 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     fake: "FakeChatServer"
 
+    def process_request(self, request: Any, client_address: Any) -> None:  # at accept, before its thread
+        self.fake._connection(+1)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:  # when its thread is done with it
+        try:
+            super().shutdown_request(request)
+        finally:
+            self.fake._connection(-1)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):  # a killed client
+            super().handle_error(request, client_address)
+
 
 class FakeChatServer:
     """Start with `with FakeChatServer(plan) as srv:`; `srv.base_url` is http://127.0.0.1:<port>/v1."""
@@ -153,7 +176,11 @@ class FakeChatServer:
         self.expected_key = expected_key
         self.echo_key_on_401 = False  # OpenAI quotes the (masked) key in its 401 message
         self.calls: list[dict] = []
+        self.incomplete: list[dict] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._open = 0
+        self._accepted = 0
         self._served: dict[str, int] = {}
         self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.fake = self
@@ -178,6 +205,31 @@ class FakeChatServer:
         with self._lock:
             entry["i"] = len(self.calls)
             self.calls.append(entry)
+
+    def log_incomplete(self, entry: dict) -> None:
+        with self._lock:
+            self.incomplete.append(entry)
+
+    def _connection(self, delta: int) -> None:
+        with self._idle:
+            self._open += delta
+            self._accepted += max(delta, 0)
+            if self._open == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until no connection is open and none was accepted for a few accept polls (a killed client's
+        connections close when the kernel reaps it; one it opened just before may still be in the
+        listen backlog). Only call when no live client is talking to the server."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while True:
+                if not self._idle.wait_for(lambda: self._open == 0, max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"{self._open} connection(s) still open after {timeout_s}s")
+                accepted = self._accepted
+                self._idle.wait(0.25)  # > a few serve_forever polls (0.05 s)
+                if self._open == 0 and self._accepted == accepted:
+                    return
 
     def start(self) -> "FakeChatServer":
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
