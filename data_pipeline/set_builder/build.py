@@ -9,6 +9,14 @@ Three stages, each durable so that kill -9 at any moment loses nothing and a re-
                        teacher's call cache (llm_cache.jsonl) makes re-asking a finished window free.
 manifest.json is rewritten atomically every `manifest_every_s` seconds and at the end.
 The command line is data_pipeline/set_builder/cli.py (`twolar-build`).
+
+Resume rules (a resumed build sends the requests and writes the lines of an uninterrupted one):
+  - Retrieval batches are cut from the whole query list; a batch on disk is skipped, a half-written
+    one is retrieved whole again and only its missing lines are appended. A dense or SPLADE encoder's
+    floats move with what else is in its batch, so any other batching could reorder near ties.
+  - Floats order candidates once, when their line is written (retrieval.runs.sort_hits, then the
+    merge); the teacher's inputs are read back from candidates.jsonl, never recomputed.
+  - A teacher answer is in the call cache before the next window is built from it.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from data_pipeline.set_builder.teacher import Teacher, TeacherRequest, TeacherRe
 from retrieval.base import Retriever
 from retrieval.corpus import Corpus, read_corpus
 from retrieval.fusion import merge_candidates
+from retrieval.runs import sort_hits
 from twolar_jax.durable_io import AppendOnlyJsonl, read_jsonl, repair_tail, write_json_atomic
 from twolar_jax.errors import FormatError, OptionError
 
@@ -60,6 +69,9 @@ def query_stage(out: Path, corpus: Corpus, *, sources: Mapping[str, QuerySource]
 
 # --------------------------------------------------------------------------------------------- stage 2
 def _candidates_line(q, per: dict, corpus: Corpus, *, depth: int, k: int, quotas) -> dict:
+    """One candidates.jsonl line. The retrievers' floats order their hits here, once, by the project's one
+    rule (sort_hits: score desc, ties by docid); later stages only read the order written."""
+    per = {name: sort_hits(hits)[:k] for name, hits in per.items()}
     info = {name: {"hits": len(h), "missing": max(0, k - len(h)),
                    "unknown_docids": sum(1 for d, _ in h if d not in corpus)} for name, h in per.items()}
     merged = merge_candidates(per, depth=depth, quotas=quotas, valid=corpus)
@@ -67,39 +79,58 @@ def _candidates_line(q, per: dict, corpus: Corpus, *, depth: int, k: int, quotas
             "candidates": [{"docid": d, "source": s} for d, s in merged], "retrieval": info}
 
 
+def read_candidates(path: Path) -> dict[str, dict]:
+    """{qid: line} of candidates.jsonl (a qid's first line wins): what the teacher stage is built from."""
+    done: dict[str, dict] = {}
+    for _, obj in read_jsonl(path):
+        done.setdefault(obj["qid"], obj)
+    return done
+
+
+def retrieval_batches(queries: list, batch_size: int) -> Iterator[list]:
+    """Batches cut from the whole query list, never from what is left: a resumed build hands each retriever
+    the batches an uninterrupted one does. A dense or SPLADE encoder's floats move in their last bits with
+    what else is in the (padded) batch, and those floats order near-tied candidates, i.e. the teacher's
+    prompts."""
+    if batch_size < 1:
+        raise OptionError(f"retrieval_batch_size={batch_size} must be >= 1")
+    for lo in range(0, len(queries), batch_size):
+        yield list(queries[lo:lo + batch_size])
+
+
 def candidate_stage(*, queries, corpus: Corpus, retrievers: Mapping[str, Retriever], path: Path, work_dir: Path,
-                    depth: int, k: int, quotas, batch_size: int, state: ManifestState, progress: bool) -> dict:
-    """Candidates for every query not yet in candidates.jsonl; returns {qid: line} for all queries."""
+                    depth: int, k: int, quotas, batch_size: int, state: ManifestState, progress: bool) -> None:
+    """Candidates for every query not yet in candidates.jsonl. A batch already on disk is skipped; a
+    half-written one (a kill mid-batch) is retrieved whole again and only its missing lines are appended."""
     from tqdm import tqdm
 
     repair_tail(path)
-    done: dict[str, dict] = {}
-    for _, obj in read_jsonl(path):
-        if obj["qid"] not in done:
-            done[obj["qid"]] = obj
-            state.add_candidates(obj)
-    pending = [q for q in queries if q.qid not in done]
+    done = read_candidates(path)
+    for obj in done.values():
+        state.add_candidates(obj)
+    pending = sum(1 for q in queries if q.qid not in done)
     if not pending:
-        return done
+        return
     if not retrievers:
         raise OptionError("no retrievers configured (build.retrievers)")
     for name, retriever in retrievers.items():
         log.info("preparing retriever %s", name)
         retriever.prepare(corpus, work_dir)
-    with AppendOnlyJsonl(path) as sink, tqdm(total=len(pending), desc="retrieve", unit="query",
+    with AppendOnlyJsonl(path) as sink, tqdm(total=pending, desc="retrieve", unit="query",
                                             disable=not progress, dynamic_ncols=True) as bar:
-        for lo in range(0, len(pending), batch_size):
-            chunk = pending[lo:lo + batch_size]
-            texts = {q.qid: q.text for q in chunk}
+        for batch in retrieval_batches(queries, batch_size):
+            missing = [q for q in batch if q.qid not in done]
+            if not missing:
+                continue
+            texts = {q.qid: q.text for q in batch}
             results = {name: r.retrieve(texts, k) for name, r in retrievers.items()}
-            for q in chunk:
-                per = {name: list(results[name].get(q.qid, []))[:k] for name in retrievers}
+            for q in missing:
+                per = {name: results[name].get(q.qid, []) for name in retrievers}
                 obj = _candidates_line(q, per, corpus, depth=depth, k=k, quotas=quotas)
                 sink.append(obj)
                 done[q.qid] = obj
                 state.add_candidates(obj)
-            bar.update(len(chunk))
-    return done
+            bar.update(len(missing))
 
 
 # --------------------------------------------------------------------------------------------- stage 3
@@ -260,9 +291,9 @@ def build(
     queries, query_meta = query_stage(out, corpus, sources=dict(query_sources or {}),
                                       mix=dict(query_mix or DEFAULT_MIX), num_queries=num_queries, seed=seed)
     state = ManifestState(depth=depth, retrievers=list(retrievers))
-    cands = candidate_stage(queries=queries, corpus=corpus, retrievers=retrievers, path=out / CANDIDATES,
-                            work_dir=work, depth=depth, k=k, quotas=quotas, batch_size=retrieval_batch_size,
-                            state=state, progress=progress)
+    candidate_stage(queries=queries, corpus=corpus, retrievers=retrievers, path=out / CANDIDATES, work_dir=work,
+                    depth=depth, k=k, quotas=quotas, batch_size=retrieval_batch_size, state=state, progress=progress)
+    cands = read_candidates(out / CANDIDATES)  # the teacher's inputs: what is on disk, in its final order
     build_info = {"output_dir": str(out), "corpus_path": str(corpus_path), "corpus": corpus.stats.to_dict(),
                   "depth": depth, "retrieve_k": k, "quotas": dict(quotas) if quotas else "even interleave",
                   "retrievers": list(retrievers), "seed": seed}
