@@ -17,6 +17,12 @@ Resume rules (a resumed build sends the requests and writes the lines of an unin
   - Floats order candidates once, when their line is written (retrieval.runs.sort_hits, then the
     merge); the teacher's inputs are read back from candidates.jsonl, never recomputed.
   - A teacher answer is in the call cache before the next window is built from it.
+  - Accounting: each answered call is appended to the call cache exactly once, before anything is built
+    from it, so the manifest's `paid` (answers, tokens, cost) sums the cache lines each run appended
+    (manifest.CallLedger), never teacher_log lines. A query's teacher_log line is written before its
+    train line; a kill between them makes the next run label it again from the cache (a second log
+    line, all cache hits). Its paid fields are summed over its log lines and its label fields
+    (windows, cache hits, repairs) are its last line's, so `teacher_labels` counts it once.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from data_pipeline.distill_format import Candidate, DistillRecord, record_to_json
-from data_pipeline.set_builder.manifest import ManifestState, load_runs, write_manifest
+from data_pipeline.set_builder.manifest import CallLedger, ManifestState, load_runs, write_manifest
 from data_pipeline.set_builder.queries import QuerySource, mix_queries, read_queries_file, write_queries
 from data_pipeline.set_builder.teacher import Teacher, TeacherRequest, TeacherResult
 from retrieval.base import Retriever
@@ -209,22 +215,45 @@ def _maybe_tfds(output_dir: Path, tfds_dir: Optional[str]) -> str:
     return f"{builder.name} {builder.version} in {tfds_dir}"
 
 
-def teacher_stage(out: Path, *, teacher: Teacher, queries, cands: dict, corpus: Corpus, state: ManifestState,
-                  build_info: dict, query_meta: dict, manifest_every_s: float, tfds_dir: Optional[str]) -> None:
-    """Label every query not yet in train.jsonl; the manifest records this run's counts and status."""
-    labelled = scan_labelled(out / TRAIN, out / TEACHER_LOG, state)
-    todo = [cands[q.qid] for q in queries if q.qid not in labelled and cands[q.qid]["candidates"]]
+def call_ledger(teacher: Teacher, out: Path, teacher_info: Mapping[str, Any]) -> Optional[CallLedger]:
+    """The ledger over the teacher's call cache (opened here, its torn tail cut), or None without a cache."""
+    open_cache = getattr(teacher, "open_cache", None)
+    cache = open_cache(out) if callable(open_cache) else None
+    if cache is None or getattr(cache, "path", None) is None:
+        return None
+    return CallLedger(cache.path, prompt_price_per_1k=teacher_info.get("prompt_price_per_1k", 0.0),
+                      completion_price_per_1k=teacher_info.get("completion_price_per_1k", 0.0))
+
+
+def start_run(out: Path, pending: int, ledger: Optional[CallLedger]) -> tuple[list[dict], dict]:
+    """The manifest's runs with this one appended; a run left `running` died by kill -9 and is settled."""
     runs = load_runs(out / MANIFEST)
     for previous in runs:
         if previous.get("status") == "running":  # its process died without a clean exit (kill -9)
             previous["status"] = "killed"
     run: dict[str, Any] = {"started": _now(), "status": "running", "labelled": 0, "failed": 0,
-                           "pending_at_start": len(todo), "teacher_calls": {}}
+                           "pending_at_start": pending, "teacher_calls": {}}
+    if ledger is not None:
+        ledger.start(run)
     runs.append(run)
+    if ledger is not None:
+        ledger.settle(runs)
+    return runs, run
+
+
+def teacher_stage(out: Path, *, teacher: Teacher, queries, cands: dict, corpus: Corpus, state: ManifestState,
+                  build_info: dict, query_meta: dict, manifest_every_s: float, tfds_dir: Optional[str]) -> None:
+    """Label every query not yet in train.jsonl; the manifest records this run's counts and status."""
+    labelled = scan_labelled(out / TRAIN, out / TEACHER_LOG, state)
+    todo = [cands[q.qid] for q in queries if q.qid not in labelled and cands[q.qid]["candidates"]]
     teacher_info = teacher.describe()
+    ledger = call_ledger(teacher, out, teacher_info)
+    runs, run = start_run(out, len(todo), ledger)
 
     def flush_manifest() -> None:
         run["teacher_calls"] = teacher.call_stats()
+        if ledger is not None:
+            ledger.advance(run)
         write_manifest(out / MANIFEST, state=state, build=build_info, teacher=teacher_info, queries=query_meta,
                        runs=runs, labelled_qids=labelled)
 

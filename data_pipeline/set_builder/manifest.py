@@ -3,6 +3,13 @@
 Why: a build runs for days and is resumed; the manifest must describe the files as they are, so its
 counts come from the durable files (read once at start, then updated as lines are appended), and each
 run's call accounting is kept in a `runs` list that a resume extends instead of overwriting.
+
+What the build paid is counted from the call cache, not from teacher_log.jsonl: every answered call is
+appended to the cache once, before anything is built from it, so the cache bytes a run appended are its
+paid calls, whatever moment a kill -9 chose. A teacher_log line is written before its train.jsonl line;
+a kill between them leaves a logged query that the next run labels again from the cache (a second log
+line with the windows as cache hits), so per query the paid fields are summed over its log lines and the
+label fields (windows, cache hits, repairs) are its last line's.
 """
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ from typing import Any, Mapping
 from twolar_jax.durable_io import write_json_atomic
 
 MANIFEST_VERSION = 1
+
+
+PAID_FIELDS = ("api_calls", "retries", "prompt_tokens", "completion_tokens", "cost")
 
 
 def _zero_repairs() -> dict[str, int]:
@@ -61,10 +71,16 @@ class ManifestState:
         self.labelled_candidates += len(sources)
 
     def add_teacher_log(self, obj: Mapping[str, Any]) -> None:
-        self.teacher_logs[str(obj["qid"])] = dict(obj)
+        """A query's later log line replaces its label fields and adds to its paid fields (see module doc)."""
+        qid, entry = str(obj["qid"]), dict(obj)
+        previous = self.teacher_logs.get(qid)
+        if previous is not None:
+            for key in PAID_FIELDS:
+                entry[key] = previous.get(key, 0) + obj.get(key, 0)
+        self.teacher_logs[qid] = entry
 
     def teacher_totals(self, labelled_qids: set[str] | None = None) -> dict:
-        """Sums over the last log line of each labelled query (all logged queries when qids is None)."""
+        """Sums over the labelled queries (all logged queries when qids is None) of add_teacher_log's entries."""
         totals: dict[str, Any] = {"windows": 0, "api_calls": 0, "cache_hits": 0, "retries": 0,
                                   "repaired_windows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0,
                                   "repairs": _zero_repairs()}
@@ -102,6 +118,90 @@ class ManifestState:
         }
 
 
+def _file_size(path: str | Path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def cache_usage(path: str | Path, start: int, end: int | None = None) -> tuple[dict[str, int], int]:
+    """Answers and tokens in the call cache's complete lines from byte `start` to `end` (EOF when None);
+    also returns the offset just past the last complete line, where the next count starts."""
+    usage = {"answers": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read() if end is None else f.read(max(0, end - start))
+    except FileNotFoundError:
+        return usage, start
+    cut = data.rfind(b"\n") + 1
+    for raw in data[:cut].splitlines():
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue  # a line the cache itself ignores is no answer
+        if isinstance(obj, dict) and isinstance(obj.get("key"), str) and isinstance(obj.get("text"), str):
+            usage["answers"] += 1
+            usage["prompt_tokens"] += int(obj.get("prompt_tokens", 0))
+            usage["completion_tokens"] += int(obj.get("completion_tokens", 0))
+    return usage, start + cut
+
+
+class CallLedger:
+    """What the build paid for: the call-cache lines each run appended, i.e. its byte range of the cache.
+
+    Each answered call is appended to the cache once, before anything is built from it, so counting a
+    run's range counts each paid answer once, at any kill. A run's range starts at the cache's size when
+    it opened the cache (a torn last line already cut) and ends at the last line counted; a run killed
+    with -9 is settled by the next start: its range ends where the next run's begins. A cache shared with
+    another build counts only this build's lines (the two must not run at the same time).
+    """
+
+    def __init__(self, path: str | Path, *, prompt_price_per_1k: float = 0.0, completion_price_per_1k: float = 0.0):
+        self.path = Path(path)
+        self.prices = (float(prompt_price_per_1k or 0.0), float(completion_price_per_1k or 0.0))
+
+    def _priced(self, usage: Mapping[str, int]) -> dict:
+        cost = usage["prompt_tokens"] / 1000.0 * self.prices[0] + usage["completion_tokens"] / 1000.0 * self.prices[1]
+        return {**usage, "cost": round(cost, 8)}
+
+    def start(self, run: dict) -> None:
+        """Open the current run's range at the cache's end."""
+        size = _file_size(self.path)
+        run["cache"] = {"path": str(self.path), "start": size, "end": size}
+        run["paid"] = self._priced({"answers": 0, "prompt_tokens": 0, "completion_tokens": 0})
+
+    def advance(self, run: dict) -> None:
+        """Count the lines appended since the last call into the current run's `paid`."""
+        rng = run["cache"]
+        usage, rng["end"] = cache_usage(self.path, rng["end"])
+        total = {key: run["paid"][key] + usage[key] for key in usage}
+        run["paid"] = self._priced(total)
+
+    def settle(self, runs: list[dict]) -> None:
+        """Recount each killed run's range up to the start of the next run on the same cache (or its end)."""
+        for i, run in enumerate(runs):
+            rng = run.get("cache")
+            if run.get("status") != "killed" or not rng or rng.get("settled"):
+                continue
+            later = [r["cache"]["start"] for r in runs[i + 1:] if r.get("cache", {}).get("path") == rng["path"]]
+            end = later[0] if later else _file_size(rng["path"])
+            usage, rng["end"] = cache_usage(rng["path"], rng["start"], end)
+            rng["settled"] = True
+            run["paid"] = self._priced(usage)
+
+
+def paid_totals(runs: list[dict]) -> dict:
+    """The build's paid answers, tokens and cost: the sum of every run's call-cache range."""
+    totals: dict[str, Any] = {"answers": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+    for run in runs:
+        for key in totals:
+            totals[key] += run.get("paid", {}).get(key, 0)
+    totals["cost"] = round(totals["cost"], 8)
+    return totals
+
+
 def load_runs(path: Path) -> list[dict]:
     """The `runs` list of an existing manifest (empty when there is none or it is unreadable)."""
     try:
@@ -126,6 +226,7 @@ def write_manifest(path: Path, *, state: ManifestState, build: Mapping[str, Any]
         "teacher": dict(teacher),
         "queries": dict(queries),
         **state.to_dict(labelled_qids=labelled_qids),
+        "paid": paid_totals(runs),
         "calls_all_runs": calls,
         "runs": runs,
     }
