@@ -13,7 +13,7 @@ def register_build() -> Any:
     from data_pipeline.set_builder import build, llm_client, offline_teacher, queries, teacher
     from retrieval import bm25, dense, monot5, run_file, splade
 
-    library.register_library()
+    library.register_resources()
     for obj in (queries.CroppedSentences, queries.DocT5Query, queries.OriginalQueries):
         gin_utils.register(obj, module="queries")
     for obj in (bm25.BM25Retriever, splade.SpladeRetriever, dense.DenseRetriever, monot5.MonoT5Retriever,
