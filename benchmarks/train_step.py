@@ -8,8 +8,11 @@ torch.optim.AdamW, loaded from our random weights written with twolar_jax.hf_con
     .venv/bin/python benchmarks/train_step.py --quick
     .venv/bin/python benchmarks/train_step.py --preset flan-t5-base --dtype bfloat16   # on a GPU
 
-Prints steps/s and tokens/s for both, the first step's loss from both (they must agree), MFU on a GPU,
-and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
+The two sides take turns step by step (after a warm-up), so a CPU shared with other jobs slows both
+alike. Prints steps/s and tokens/s for both, the first step's loss from both (they must agree), MFU where
+the device's peak is known (H100/H200/A100), `compile_s=` of the first step in this fresh process
+against an empty persistent compilation cache (cache=cold) and in a fresh subprocess that compiles the
+same step against the filled one (cache=warm), and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
 """
 from __future__ import annotations
 
@@ -21,13 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Peak dense matmul throughput (FLOP/s) by device kind and dtype, for MFU.
-PEAK_FLOPS = {
-    ("h100", "bfloat16"): 989e12, ("h100", "float32"): 494e12,  # float32 runs as TF32 on tensor cores
-    ("h200", "bfloat16"): 989e12, ("h200", "float32"): 494e12,
-    ("a100", "bfloat16"): 312e12, ("a100", "float32"): 156e12,
-}
+import bench_common  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,10 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=None, help="tokens per passage (default 512)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 5 with --quick)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="the tiny preset (same 30x512 batch): about 20 s on CPU")
+    p.add_argument("--quick", action="store_true", help="the tiny preset (same 30x512 batch): under a minute on CPU")
     p.add_argument("--attention", default="auto", choices=["auto", "rows", "einsum", "dot_product"],
                    help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
     p.add_argument("--scan_layers", action="store_true", help="T5Config.scan_layers: layers under nn.scan")
+    p.add_argument("--skip_warm_compile", action="store_true", help="do not start the warm-cache subprocess")
+    p.add_argument(bench_common.PROBE_FLAG, default=None, metavar="CACHE_DIR", dest="compile_probe",
+                   help=argparse.SUPPRESS)  # internal: only compile the step, against CACHE_DIR
     args = p.parse_args(argv)
     if args.quick:
         args.preset = args.preset or "tiny"
@@ -79,7 +81,8 @@ def train_flops(config, n: int, length: int) -> float:
     return 3.0 * per_token * n * length
 
 
-def bench_jax(config, params, batch, args, tokens):
+def make_jax_step(config, params, batch, tokens):
+    """Our jitted step (state donated); returns (step() -> metrics, state_ready())."""
     import jax
 
     from twolar_jax import optimizers, trainer
@@ -87,25 +90,26 @@ def bench_jax(config, params, batch, args, tokens):
 
     opt, schedule = optimizers.make_optimizer(learning_rate=5e-5, weight_decay=0.01, clip_norm=1.0)
     spec = trainer.make_step_spec(loss="rank_net", score_tokens=tokens, enable_dropout=False)
-    step = jax.jit(trainer.make_train_step(config, opt, schedule, spec), donate_argnums=(0,))
-    state = TrainState.create(jax.device_put(params), opt)
+    jitted = jax.jit(trainer.make_train_step(config, opt, schedule, spec), donate_argnums=(0,))
+    holder = {"state": TrainState.create(jax.device_put(params), opt)}
     batch = jax.device_put(batch)
     rng = jax.random.PRNGKey(0)
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch, rng)
-    first_loss = float(metrics["loss"])
-    compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        state, metrics = step(state, batch, rng)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = step(state, batch, rng)
-    jax.block_until_ready(state)
-    return first_loss, (time.perf_counter() - t0) / args.steps, compile_s
+
+    def step():
+        holder["state"], metrics = jitted(holder["state"], batch, rng)
+        return metrics
+
+    def ready():
+        jax.block_until_ready(holder["state"])
+
+    def compile_only():
+        jitted.lower(holder["state"], batch, rng).compile()
+
+    return step, ready, compile_only
 
 
-def bench_torch(hf_dir, batch, args, tokens, device):
+def make_torch_step(hf_dir, batch, args, tokens, device):
+    """transformers' T5 + torch AdamW on the same weights; returns (step() -> loss, sync())."""
     import torch
     from transformers import T5ForConditionalGeneration
 
@@ -136,23 +140,13 @@ def bench_torch(hf_dir, batch, args, tokens, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    first_loss = float(step().detach())
-    for _ in range(args.warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    return first_loss, (time.perf_counter() - t0) / args.steps
+    return step, sync, model.config._attn_implementation
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def build(args):
+    """Config, params, batch and score tokens of the run, shared by the main process and the probe."""
     import jax
-    import torch
 
-    from twolar_jax.hf_conversion import save_hf_checkpoint
     from twolar_jax.model import network
     from twolar_jax.model.config import preset
     from twolar_jax.scoring import resolve_score_tokens
@@ -162,31 +156,92 @@ def main(argv=None) -> None:
                     scan_layers=args.scan_layers)
     tokens = resolve_score_tokens(T5Tokenizer())
     params = jax.device_get(network.init_params(config, 0))
-    batch = make_batch(args.group_size, args.max_length)
+    return config, params, make_batch(args.group_size, args.max_length), tokens
+
+
+def run_probe(args) -> None:
+    """The warm-cache measurement: a fresh process that only compiles the step."""
+    bench_common.use_cache(args.compile_probe)
+    config, params, batch, tokens = build(args)
+    _, _, compile_only = make_jax_step(config, params, batch, tokens)
+    clock = bench_common.CompileClock()
+    compile_only()
+    bench_common.report_probe(clock)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.compile_probe:
+        return run_probe(args)
+    with tempfile.TemporaryDirectory(prefix="twolar_bench_cache_") as cache_dir:
+        bench_common.use_cache(cache_dir)  # empty: this process's first step is the cold compile
+        run(args, argv, cache_dir)
+
+
+def run(args, argv, cache_dir: str) -> None:
+    import jax
+    import torch
+
+    from twolar_jax.hf_conversion import save_hf_checkpoint
+    from twolar_jax.model import network
+
+    print(f"load before: {bench_common.load_average()}")
+    config, params, batch, tokens = build(args)
     n_tok = args.group_size * args.max_length
     backend = jax.default_backend()
     device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"preset={args.preset} dtype={args.dtype} batch=1x{args.group_size}x{args.max_length} "
           f"attention={network.resolve_attention(config)} scan_layers={config.scan_layers} "
           f"jax={jax.__version__} backend={backend} ({jax.devices()[0].device_kind}) torch={torch.__version__} "
-          f"device={device} threads={torch.get_num_threads() if device.type == 'cpu' else '-'}")
+          f"device={device} threads: torch={torch.get_num_threads() if device.type == 'cpu' else '-'} "
+          f"xla={len(os.sched_getaffinity(0))}")
 
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_checkpoint(Path(tmp) / "hf", config.replace(dtype="float32"), params)
-        t_loss, t_step = bench_torch(str(Path(tmp) / "hf"), batch, args, tokens, device)
-    j_loss, j_step, compile_s = bench_jax(config, params, batch, args, tokens)
+        torch_step, torch_sync, torch_attention = make_torch_step(str(Path(tmp) / "hf"), batch, args, tokens, device)
+    jax_step, jax_ready, _ = make_jax_step(config, params, batch, tokens)
+
+    clock = bench_common.CompileClock()
+    t0 = time.perf_counter()
+    j_loss = float(jax_step()["loss"])
+    first_s = time.perf_counter() - t0
+    compile_cold = clock.seconds
+    t_loss = float(torch_step().detach())
+    for _ in range(args.warmup):
+        jax_step()
+        torch_step()
+    jax_ready()
+    torch_sync()
+    j_times, t_times = [], []
+    for _ in range(args.steps):  # the two sides take turns, so a shared CPU slows both alike
+        t0 = time.perf_counter()
+        jax_step()
+        jax_ready()
+        j_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_step()
+        torch_sync()
+        t_times.append(time.perf_counter() - t0)
+    j_step, t_step = sum(j_times) / len(j_times), sum(t_times) / len(t_times)
 
     print(f"first-step loss: jax={j_loss:.6f} torch={t_loss:.6f} (same weights, same batch)")
-    print(f"jax:   {1 / j_step:.3f} steps/s  {n_tok / j_step:,.0f} tokens/s  (compile {compile_s:.1f}s)")
-    print(f"torch: {1 / t_step:.3f} steps/s  {n_tok / t_step:,.0f} tokens/s")
-    kind = jax.devices()[0].device_kind.lower()
-    peak = next((v for (k, dt), v in PEAK_FLOPS.items() if k in kind and dt == args.dtype), None)
-    if backend == "gpu" and peak:
+    print(f"jax:   {1 / j_step:.3f} steps/s  {n_tok / j_step:,.0f} tokens/s  (steps {', '.join(f'{t:.2f}' for t in j_times)} s; "
+          f"first call {first_s:.1f} s)")
+    print(f"torch: {1 / t_step:.3f} steps/s  {n_tok / t_step:,.0f} tokens/s  (steps {', '.join(f'{t:.2f}' for t in t_times)} s; "
+          f"attention={torch_attention})")
+    peak = bench_common.peak_flops(jax.devices()[0].device_kind, args.dtype)
+    if peak:
         flops = train_flops(config, args.group_size, args.max_length)
         print(f"MFU: jax={flops / j_step / peak:.1%} torch={flops / t_step / peak:.1%} "
               f"({flops / 1e12:.2f} TFLOP/step, peak {peak / 1e12:.0f} TFLOP/s {args.dtype})")
+    print(f"compile_s={compile_cold:.2f} cache=cold ({clock.describe()})")
+    if not args.skip_warm_compile:
+        warm, parts = bench_common.warm_compile_seconds(__file__, bench_common.strip_probe(argv), cache_dir)
+        print(f"compile_s={warm:.2f} cache=warm ({parts})")
+    print(f"load after: {bench_common.load_average()}")
     print(f"ratio_vs_torch={t_step / j_step:.3f}")
 
 

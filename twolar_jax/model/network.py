@@ -174,19 +174,54 @@ def _attend_dot_product(q: Array, key: Array, value: Array, bias: Array | None,
     return jax.nn.dot_product_attention(q, key, value, bias=total, scale=1.0, implementation=None)
 
 
+def absorb_kv_projection(q_len: int, kv_len: int, d_model: int, d_kv: int) -> bool:
+    """Whether `_attend_absorbed` costs fewer FLOPs than projecting keys and values (per head).
+
+    Projecting costs 2 kv_len d_model d_kv multiply-adds (keys, values) plus 2 q_len kv_len d_kv
+    (logits, mixing); absorbing the kernels into the query and the output costs 2 q_len d_model d_kv plus
+    2 q_len kv_len d_model. True for the cross-attention of a short decoder (scoring's single first step:
+    about 40x fewer), false for self-attention over a whole sequence."""
+    projected = 2 * kv_len * d_model * d_kv + 2 * q_len * kv_len * d_kv
+    absorbed = 2 * q_len * d_model * d_kv + 2 * q_len * kv_len * d_model
+    return absorbed < projected
+
+
+def _attend_absorbed(q: Array, inputs_kv: Array, wk: Array, wv: Array, bias: Array | None,
+                     key_padding: Array | None, dropout_rng: Array | None, rate: float) -> Array:
+    """softmax(q (x Wk)^T + bias) (x Wv) without computing x Wk or x Wv: [B, q, heads, kv].
+
+    Reassociated as softmax((q Wk^T) x^T + bias) then (weights x) Wv, so keys and values of all kv_len
+    positions are never projected; for one decoder step over an encoded passage that drops the [B*len,
+    d_model] x [d_model, heads*kv] key and value matmuls of every decoder layer (about an eighth of a
+    flan-t5-small scoring forward). Same fp32 logits and softmax as `_attend`; only the summation order
+    of the projections differs."""
+    q_model = jnp.einsum("bqhk,dhk->bqhd", q, wk)
+    logits = jnp.einsum("bqhd,btd->bhqt", q_model, inputs_kv, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    if key_padding is not None:
+        logits = logits + key_padding
+    weights = jax.nn.softmax(logits, axis=-1)
+    if dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
+    mixed = jnp.einsum("bhqt,btd->bqhd", weights.astype(inputs_kv.dtype), inputs_kv)
+    return jnp.einsum("bqhd,dhk->bqhk", mixed, wv)
+
+
 def attention_core(q: Array, key: Array, value: Array, bias: Array | None, key_padding: Array | None, *,
                    dropout_rng: Array | None, rate: float, kind: str = "einsum") -> Array:
     """softmax(q k^T + bias + padding) v over [B, len, heads, kv]; fp32 logits, no 1/sqrt(d) scaling.
 
     kind: "einsum" (batched), "rows" (one sequence at a time, the cache-friendly order on CPU; a batch of
-    one takes the einsum path) or "dot_product" (jax.nn.dot_product_attention). dot_product_attention has
+    one, or a single query position whose logits are one row anyway, takes the einsum path) or "dot_product" (jax.nn.dot_product_attention). dot_product_attention has
     no dropout on the attention weights, so with dropout active (dropout_rng given) a dot_product call
     falls back to einsum: training with dropout_rate > 0 computes the same arithmetic the einsum way."""
     if kind not in ("einsum", "rows", "dot_product"):
         raise ValueError(f"attention_core: kind={kind!r}: expected einsum, rows or dot_product")
     if kind == "dot_product" and dropout_rng is None:
         return _attend_dot_product(q, key, value, bias, key_padding)
-    if kind == "rows" and q.shape[0] > 1:
+    if kind == "rows" and q.shape[0] > 1 and q.shape[1] > 1:
         return _attend_rows(q, key, value, bias, key_padding, dropout_rng, rate)
     return _attend(q, key, value, bias, key_padding, dropout_rng, rate)
 
@@ -211,9 +246,15 @@ class Attention(nn.Module):
         wv = _Projection((d, h, k), ("embed", "heads", "kv"), d ** -0.5, name="value")()
         wo = _Projection((h, k, d), ("heads", "kv", "embed"), (h * k) ** -0.5, name="out")()
         q = jnp.einsum("bld,dhk->blhk", inputs_q.astype(dtype), wq.astype(dtype))
+        q = _constrain(q, ("batch", "length", "heads", "kv"))
+        rate = c.dropout_rate if enable_dropout else 0.0
+        dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
+        if decode_index is None and absorb_kv_projection(q.shape[1], inputs_kv.shape[1], d, k):
+            out = _attend_absorbed(q, inputs_kv.astype(dtype), wk.astype(dtype), wv.astype(dtype), bias,
+                                   key_padding, dropout_rng, rate)
+            return self._project_out(out, wo, dtype)
         key = jnp.einsum("bld,dhk->blhk", inputs_kv.astype(dtype), wk.astype(dtype))
         value = jnp.einsum("bld,dhk->blhk", inputs_kv.astype(dtype), wv.astype(dtype))
-        q = _constrain(q, ("batch", "length", "heads", "kv"))
         key = _constrain(key, ("batch", "length", "heads", "kv"))
         value = _constrain(value, ("batch", "length", "heads", "kv"))
         if decode_index is not None:
@@ -225,10 +266,12 @@ class Attention(nn.Module):
                 cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, decode_index, 0, 0))
                 cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, decode_index, 0, 0))
                 key, value = cached_key.value, cached_value.value
-        rate = c.dropout_rate if enable_dropout else 0.0
-        dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
         out = attention_core(q, key, value, bias, key_padding, dropout_rng=dropout_rng, rate=rate,
                              kind=resolve_attention(c))
+        return self._project_out(out, wo, dtype)
+
+    @staticmethod
+    def _project_out(out: Array, wo: Array, dtype: jnp.dtype) -> Array:
         out = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dtype))
         return _constrain(out, ("batch", "length", "embed"))
 

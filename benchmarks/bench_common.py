@@ -1,0 +1,115 @@
+"""What the benchmarks share: device peaks for MFU, compile-time accounting and the cold/warm probe.
+
+compile_s is the time jax spends tracing, lowering and compiling (or fetching from the persistent
+compilation cache) during a first call, read from jax.monitoring's duration events, so execution time
+does not blur it. A benchmark measures it twice: in its own fresh process against an empty cache
+directory ("cold"), then in a subprocess of itself that repeats only the first call against the same,
+now filled, directory ("warm": what a user's second run pays).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+# Dense peak throughput (FLOP/s) by device kind and compute dtype, for MFU. fp32 on Hopper/Ampere: XLA's
+# default matmul precision runs fp32 dots as TF32 on tensor cores, so that is the peak it can reach.
+PEAK_FLOPS = {
+    ("h200", "bfloat16"): 989e12, ("h200", "float32"): 494e12,
+    ("h100", "bfloat16"): 989e12, ("h100", "float32"): 494e12,
+    ("a100", "bfloat16"): 312e12, ("a100", "float32"): 156e12,
+}
+# jax.monitoring events whose durations make up the compile cost of a first call.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+PROBE_FLAG = "--compile_probe"
+PROBE_PREFIX = "compile_probe_s="  # the probe's last line: compile_probe_s=<total> (<parts>)
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak for `dtype`, or None for a device without a known table entry (CPUs)."""
+    kind = device_kind.lower()
+    return next((v for (k, dt), v in PEAK_FLOPS.items() if k in kind and dt == dtype), None)
+
+
+class CompileClock:
+    """Sums jax's trace/lower/compile durations since construction: `seconds`, and `parts` per stage."""
+
+    _totals = dict.fromkeys(COMPILE_EVENTS, 0.0)
+    _registered = False
+
+    def __init__(self) -> None:
+        if not CompileClock._registered:
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(CompileClock._listen)
+            CompileClock._registered = True
+        self._start = dict(CompileClock._totals)
+
+    @staticmethod
+    def _listen(event: str, duration: float, **_: object) -> None:
+        if event in CompileClock._totals:
+            CompileClock._totals[event] += duration
+
+    @property
+    def parts(self) -> dict[str, float]:
+        """Seconds per stage: trace (Python to jaxpr), lower (to StableHLO), compile (XLA, or a cache fetch)."""
+        names = dict(zip(COMPILE_EVENTS, ("trace", "lower", "compile")))
+        return {names[e]: CompileClock._totals[e] - self._start[e] for e in COMPILE_EVENTS}
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v:.2f}" for k, v in self.parts.items())
+
+
+def use_cache(directory: str) -> None:
+    """Point jax's persistent compilation cache at `directory`, with the package's own settings (what a
+    user's run gets: programs that compile in under half a second are not cached)."""
+    from twolar_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache(directory=directory)
+
+
+def warm_compile_seconds(script: str, argv: Sequence[str], cache_dir: str, timeout: float = 900) -> tuple[float, str]:
+    """Run `script argv --compile_probe DIR` in a fresh process; the compile seconds it reports, and parts."""
+    cmd = [sys.executable, script, *argv, PROBE_FLAG, cache_dir]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    found = re.findall(rf"^{PROBE_PREFIX}([0-9.]+) \((.*)\)$", done.stdout, re.M)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"compile probe failed (rc={done.returncode}): {done.stderr[-2000:]}")
+    return float(found[-1][0]), found[-1][1]
+
+
+def report_probe(clock: CompileClock) -> None:
+    print(f"{PROBE_PREFIX}{clock.seconds:.3f} ({clock.describe()})", flush=True)
+
+
+def strip_probe(argv: Sequence[str]) -> list[str]:
+    """argv without a `--compile_probe DIR` pair, to pass on to the probe subprocess."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == PROBE_FLAG:
+            skip = True
+        elif not arg.startswith(PROBE_FLAG + "="):
+            out.append(arg)
+    return out
+
+
+def load_average() -> str:
+    """`uptime`'s 1/5/15-minute load, printed with every figure: the CPU may be shared."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
