@@ -15,7 +15,8 @@ import pytest
 from twolar_jax.aot import flops, main, report, topology
 from twolar_jax.errors import OptionError
 
-TINY = ["--gin_file=experiments/tiny_smoke.gin", "--gin.DROPOUT_RATE=0.0"]  # dropout doubles compile time
+TINY_FILE, NO_DROPOUT = "experiments/tiny_smoke.gin", "DROPOUT_RATE = 0.0"  # dropout doubles compile time
+TINY = [f"--gin_file={TINY_FILE}", "--gin.DROPOUT_RATE=0.0"]
 needs_libtpu = pytest.mark.skipif(not topology.libtpu_available(),
                                   reason="libtpu is not installed (pip install 'twolar-jax[aot]')")
 
@@ -45,8 +46,8 @@ def run_cli(capsys, tmp_path: Path, *args: str) -> dict[str, dict[str, str]]:
 def dp_run(tmp_path_factory):
     """tiny_smoke's own layout (pure data parallelism): train and score in one call."""
     tmp = tmp_path_factory.mktemp("aot_dp")
-    reports = list(main.compile_jobs(topology_name="v5e:2x2", jobs=("train", "score"), gin_files=[TINY[0]],
-                                     gin_bindings=["DROPOUT_RATE = 0.0"], dump_dir=str(tmp)))
+    reports = list(main.compile_jobs(topology_name="v5e:2x2", jobs=("train", "score"), gin_files=[TINY_FILE],
+                                     gin_bindings=[NO_DROPOUT], dump_dir=str(tmp)))
     return {r.job: r for r in reports}, tmp
 
 
