@@ -176,3 +176,11 @@ def test_aot_scan_layers_compiles_a_while_loop_with_the_same_flops(dp_run, capsy
     assert out["scan_layers"] == "True"
     assert " while(" in (tmp_path / "train.hlo.txt").read_text()
     assert float(out["flops"]) == pytest.approx(reports["train"].flops, rel=1e-3)  # same arithmetic, loop-aware
+
+
+@needs_libtpu
+def test_aot_out_of_memory_is_fits_false_not_a_crash(capsys, tmp_path):
+    """A scoring batch far beyond a v5e chip's 16 GiB: the TPU compiler refuses it, the report says so."""
+    out = run_cli(capsys, tmp_path, "--job=score", "--batch_size=131072")["score"]
+    assert out["fits"] == "False" and float(out["per_chip_gib"]) > 16
+    assert "all-gather" not in out  # nothing compiled, so no collectives to count

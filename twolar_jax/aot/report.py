@@ -20,7 +20,9 @@ _COLLECTIVE_OP = re.compile(r" (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 # and a dynamic-slice inside): one reduce-scatter per call site, and the all-reduce inside is not another.
 _SCATTER_COMPUTATION = re.compile(r"^(?:all-)?reduce-scatter\b")
 _SCATTER_CALL = re.compile(r"calls=%((?:all-)?reduce-scatter[\w.-]*)")
-_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm")
+# XLA:TPU's refusals: "Used 20.5G of 15.75G hbm" or "memory required for HLO temporaries (17.79G) exceeds".
+_OOM_USED = (re.compile(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm"),
+             re.compile(r"required for [^(]*\(([0-9.]+)([KMGT])\) exceeds"))
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -99,7 +101,7 @@ class Report:
     compile_s: float
     flops: float  # the whole step, all chips, loop-aware matmul count (flops.py)
     memory: Optional[MemoryBytes] = None  # None when the compiler ran out of HBM
-    oom_bytes: Optional[int] = None  # the compiler's "Used X of Y hbm" when it ran out
+    oom_bytes: Optional[int] = None  # what the compiler said it needed when it ran out (a lower bound)
     xla_flops: float = 0.0
     collectives: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(COLLECTIVES, 0))
     error: str = ""
@@ -119,18 +121,18 @@ class Report:
 
     def lines(self) -> list[str]:
         mem = self.memory
-        collectives = " ".join(f"{k}={v}" for k, v in self.collectives.items())
         out = [f"job={self.job} topology={self.topology} chips={self.chips} model={self.model} {self.shape}",
                f"  mesh={self.mesh} attention={self.attention}"]
         if mem is not None:
             out.append(f"  bytes_per_chip arguments={mem.arguments} outputs={mem.outputs} aliased={mem.aliased} "
                        f"temporaries={mem.temporaries} generated_code={mem.generated_code}")
         else:
-            out.append(f"  out_of_memory: {self.error}")
+            out.append(f"  out_of_memory (per_chip_gib is what the compiler named, a lower bound): {self.error}")
         out += [f"  per_chip_gib={self.per_chip_bytes / 2**30:.2f} hbm_gib={self.hbm_bytes / 2**30:g} fits={self.fits}",
-                f"  flops={self.flops:.4g} flops_per_chip={self.flops / self.chips:.4g} xla_flops={self.xla_flops:.4g}",
-                f"  collectives {collectives}",
-                f"  lower_s={self.lower_s:.1f} compile_s={self.compile_s:.1f}"]
+                f"  flops={self.flops:.4g} flops_per_chip={self.flops / self.chips:.4g} xla_flops={self.xla_flops:.4g}"]
+        if mem is not None:
+            out.append("  collectives " + " ".join(f"{k}={v}" for k, v in self.collectives.items()))
+        out.append(f"  lower_s={self.lower_s:.1f} compile_s={self.compile_s:.1f}")
         return out
 
 
@@ -142,7 +144,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def oom_report(error: BaseException) -> tuple[Optional[int], str]:
     """(bytes the compiler said a chip would use, or None; the message's first line) of an HBM refusal."""
     text = str(error)
-    match = _OOM_USED.search(text)
+    match = next((m for m in (p.search(text) for p in _OOM_USED) if m), None)
     used = int(float(match.group(1)) * _UNIT[match.group(2)]) if match else None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
     return used, first[:300]
