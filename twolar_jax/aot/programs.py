@@ -43,6 +43,18 @@ class Program:
     params: int  # parameter count
 
 
+def _count(shapes: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(shapes))
+
+
+def model_name(config: T5Config) -> str:
+    """The preset a config is (whatever its dtype, remat, dropout, attention, scan_layers), else 'custom'."""
+    for name, preset in PRESETS.items():
+        if preset.replace(**{f: getattr(config, f) for f in RUNTIME_FIELDS}) == config:
+            return name
+    return "custom"
+
+
 def _for_tpu(config: T5Config) -> T5Config:
     return config.replace(attention=network.resolve_attention(config, "tpu"))
 
@@ -111,18 +123,6 @@ def score_program(job: ScoreJob, devices: Sequence[Any]) -> Program:
     return Program("score", traced, mesh, config, shape, time.perf_counter() - start, _count(shapes))
 
 
-def _count(shapes: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(shapes))
-
-
-def model_name(config: T5Config) -> str:
-    """The preset a config is (whatever its dtype, remat, dropout, attention, scan_layers), else 'custom'."""
-    for name, preset in PRESETS.items():
-        if preset.replace(**{f: getattr(config, f) for f in RUNTIME_FIELDS}) == config:
-            return name
-    return "custom"
-
-
 def compile_program(program: Program, topology: Topology, *, dump_dir: Optional[str] = None) -> report_lib.Report:
     """Lower and compile for the topology (never run); an HBM refusal becomes fits=False, not an error."""
     start = time.perf_counter()
@@ -131,8 +131,8 @@ def compile_program(program: Program, topology: Topology, *, dump_dir: Optional[
     report = report_lib.Report(
         job=program.job, topology=topology.name, chips=topology.chips, hbm_bytes=topology.hbm_bytes,
         mesh=partitioning.mesh_shape_str(program.mesh), attention=program.config.attention,
-        model=f"{model_name(program.config)} params={program.params:.4g}", shape=program.shape, lower_s=lower_s, compile_s=0.0,
-        flops=flops_lib.jaxpr_matmul_flops(program.traced.jaxpr))
+        model=f"{model_name(program.config)} params={program.params:.4g}", shape=program.shape,
+        lower_s=lower_s, compile_s=0.0, flops=flops_lib.jaxpr_matmul_flops(program.traced.jaxpr))
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
