@@ -184,3 +184,12 @@ def test_aot_out_of_memory_is_fits_false_not_a_crash(capsys, tmp_path):
     out = run_cli(capsys, tmp_path, "--job=score", "--batch_size=131072")["score"]
     assert out["fits"] == "False" and float(out["per_chip_gib"]) > 16
     assert "all-gather" not in out  # nothing compiled, so no collectives to count
+
+
+@needs_libtpu
+def test_aot_a_batch_that_does_not_split_names_the_options(capsys):
+    """xxl's 32 queries cannot give each of 256 fsdp replicas one: the error says which macros to change."""
+    args = ["--topology=v5e:16x16", "--gin_file=experiments/twolar_flan_t5_xxl_rank_net.gin", "--gin_file=mesh/fsdp.gin"]
+    assert main.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "BATCH_SIZE / NUM_MICROBATCHES = 32 / 1" in err and "multiple of 256" in err

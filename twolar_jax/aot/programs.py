@@ -59,10 +59,11 @@ def _for_tpu(config: T5Config) -> T5Config:
     return config.replace(attention=network.resolve_attention(config, "tpu"))
 
 
-def _check_split(rows: int, mesh: Mesh, rules: Sequence, what: str) -> None:
+def _check_split(count: int, mesh: Mesh, rules: Sequence, what: str) -> None:
+    """`count` batch rows (or queries) must split evenly over the mesh's batch axes; say which option to change."""
     ways = partitioning.batch_parallelism(mesh, rules)
-    if rows % ways:
-        raise OptionError(f"{what} = {rows} rows do not split over the batch axes of mesh "
+    if count % ways:
+        raise OptionError(f"{what} does not split over the batch axes of mesh "
                           f"{partitioning.mesh_shape_str(mesh)} ({ways} ways); make it a multiple of {ways}")
 
 
@@ -84,7 +85,9 @@ def train_program(job: TrainJob, devices: Sequence[Any]) -> Program:
     m = job.spec.num_microbatches
     if job.batch_size % m:
         raise OptionError(f"BATCH_SIZE={job.batch_size} does not split into NUM_MICROBATCHES={m}")
-    _check_split(job.batch_size // m, setup.mesh, setup.rules, f"BATCH_SIZE / NUM_MICROBATCHES ({job.batch_size}/{m})")
+    per_micro = job.batch_size // m
+    _check_split(per_micro, setup.mesh, setup.rules,
+                 f"BATCH_SIZE / NUM_MICROBATCHES = {job.batch_size} / {m} = {per_micro} queries per micro-batch")
     batch = abstract_batch(job)
     step = trainer.partition_train_step(trainer.make_train_step(config, setup.optimizer, setup.schedule, job.spec),
                                         setup.mesh, setup.rules, setup.shardings, batch)
@@ -108,7 +111,7 @@ def score_program(job: ScoreJob, devices: Sequence[Any]) -> Program:
     config = _for_tpu(job.config)
     rules = partitioning.normalize_rules(job.rules)
     mesh = partitioning.make_mesh(job.mesh_shape, devices=list(devices))
-    _check_split(job.batch_size, mesh, rules, "--batch_size")
+    _check_split(job.batch_size, mesh, rules, f"--batch_size={job.batch_size}")
     shapes = abstract_params(config, jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
     shardings = partitioning.tree_shardings(network.logical_axes(config), shapes, mesh, rules)
     params = train_state.with_shardings(shapes, shardings)
