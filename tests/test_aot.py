@@ -74,7 +74,7 @@ def test_aot_cli_bad_topology_exits_2_with_one_line(capsys):
     assert main.main(["--topology=v5e-16", *TINY]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
-    assert captured.err.startswith("error: --topology='v5e-16': expected GENERATION:AxB")
+    assert captured.err.startswith("twolar compile: error: --topology='v5e-16': expected GENERATION:AxB")
 
 
 def test_aot_flops_multiply_scan_bodies_by_their_length():

@@ -18,14 +18,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax loads (twolar_jax.ao
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator, Optional, Sequence  # noqa: E402
 
-from twolar_jax import gin_utils  # noqa: E402
+from twolar_jax import entry, gin_utils  # noqa: E402
 from twolar_jax.aot import gin_jobs, topology  # noqa: E402
 from twolar_jax.aot.report import Report  # noqa: E402
-from twolar_jax.errors import TwolarError  # noqa: E402
 from twolar_jax.model.config import COMPUTE_DTYPES  # noqa: E402
 
 JOBS = ("train", "score", "all")
@@ -54,8 +52,9 @@ def compile_jobs(*, topology_name: str, jobs: Sequence[str], gin_files: Sequence
 
 
 def _flags(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="twolar compile", description=__doc__.split("\n")[0],
-                                     epilog="gin: --gin_file=F (repeatable), --gin.NAME=VALUE, --gin_search_paths")
+    parser = entry.parser_with_gin_help(
+        "twolar compile", __doc__.split("\n")[0], "models/", "mesh/", "experiments/",
+        note="MODEL_DIR and DISTILL_JSONL get placeholders: a compile reads no data and writes no checkpoint.")
     parser.add_argument("--topology", required=True, help=f"the TPU slice: {topology.TOPOLOGY_FORM}")
     parser.add_argument("--job", choices=JOBS, default="train", help="what to compile (all: train, then score)")
     parser.add_argument("--batch_size", type=int, default=32, help="score job: rows of token ids per call")
@@ -64,25 +63,28 @@ def _flags(argv: Sequence[str]) -> argparse.Namespace:
                         help="score job: compute and parameter dtype (default: the model's COMPUTE_DTYPE)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per job instead")
     parser.add_argument("--dump_dir", default=None, help="write <job>.hlo.txt (compiled HLO) and <job>.json here")
+    # No persistent compilation cache: a cached executable would report compile_s of a cache read.
+    entry.add_common_flags(parser, log_level="WARNING", compile_cache=False)
     return parser.parse_args(list(argv))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        files, bindings, paths, rest = gin_utils.split_gin_args(argv)
-        flags = _flags(rest)
-        jobs = ("train", "score") if flags.job == "all" else (flags.job,)
-        if flags.dump_dir:
-            Path(flags.dump_dir).mkdir(parents=True, exist_ok=True)
-        for report in compile_jobs(topology_name=flags.topology, jobs=jobs, gin_files=files,
-                                   gin_bindings=bindings, search_paths=paths, batch_size=flags.batch_size,
-                                   max_length=flags.max_length, dtype=flags.dtype, dump_dir=flags.dump_dir):
-            print(json.dumps(report.to_dict()) if flags.json else "\n".join(report.lines()), flush=True)
-    except TwolarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    files, bindings, paths, rest = gin_utils.split_gin_args(argv)
+    flags = _flags(rest)
+    entry.start(flags)
+    jobs = ("train", "score") if flags.job == "all" else (flags.job,)
+    if flags.dump_dir:
+        Path(flags.dump_dir).mkdir(parents=True, exist_ok=True)
+    for report in compile_jobs(topology_name=flags.topology, jobs=jobs, gin_files=files, gin_bindings=bindings,
+                               search_paths=paths, batch_size=flags.batch_size, max_length=flags.max_length,
+                               dtype=flags.dtype, dump_dir=flags.dump_dir):
+        print(json.dumps(report.to_dict()) if flags.json else "\n".join(report.lines()), flush=True)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """0, or 2 with one line on stderr for an option, topology or gin file a user can fix (--debug: traceback)."""
+    return entry.run_console("twolar compile", _main, argv)
 
 
 def console_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -2,8 +2,9 @@
 
 The train step is the one `twolar-train` runs: `train_setup.prepare` (mesh, rules, optimizer, abstract state
 from jax.eval_shape, state shardings) and `trainer.partition_train_step(make_train_step(...))`, fed a
-ShapeDtypeStruct batch of the gin files' shape. The scoring program is `reranker.score_batch` with the
-parameters laid out by the same logical-axis rules and the tokens split on the batch axis. Attention "auto"
+ShapeDtypeStruct batch of the gin files' shape. The scoring program is the Reranker's
+`scoring_runtime.score_batch` with the parameters laid out by the same logical-axis rules and the tokens
+split on the batch axis. Attention "auto"
 is resolved for TPU before tracing (on this host it would pick the CPU path), so the compile is the one a
 TPU run makes.
 """
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from twolar_jax import partitioning, reranker, scoring, train_setup, train_state, trainer
+from twolar_jax import partitioning, scoring, scoring_runtime, train_setup, train_state, trainer
 from twolar_jax.aot import flops as flops_lib
 from twolar_jax.aot import report as report_lib
 from twolar_jax.aot.gin_jobs import ScoreJob, TrainJob
@@ -107,7 +108,8 @@ def abstract_params(config: T5Config, dtype: Any) -> Any:
 
 
 def score_program(job: ScoreJob, devices: Sequence[Any]) -> Program:
-    """reranker.score_batch on `devices`: params by the logical-axis rules, tokens split on the batch axis."""
+    """The Reranker's scoring_runtime.score_batch on `devices`: params cast to the scoring dtype and laid out by
+    the logical-axis rules (as scoring_runtime.place_params does), tokens split on the batch axis."""
     config = _for_tpu(job.config)
     rules = partitioning.normalize_rules(job.rules)
     mesh = partitioning.make_mesh(job.mesh_shape, devices=list(devices))
@@ -120,7 +122,8 @@ def score_program(job: ScoreJob, devices: Sequence[Any]) -> Program:
     vocab_ids = scoring.head_vocab_ids(job.score_head, scoring.default_score_tokens())
     start = time.perf_counter()
     with partitioning.activation_context(mesh, rules):
-        traced = reranker.score_batch.trace(params, tokens, config=config, head=job.score_head, vocab_ids=vocab_ids)
+        traced = scoring_runtime.score_batch.trace(params, tokens, config=config, head=job.score_head,
+                                                   vocab_ids=vocab_ids, rules=rules)
     shape = (f"batch={job.batch_size}x{job.max_length} head={job.score_head} dtype={config.dtype} "
              f"scan_layers={config.scan_layers}")
     return Program("score", traced, mesh, config, shape, time.perf_counter() - start, _count(shapes))
