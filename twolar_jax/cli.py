@@ -12,6 +12,7 @@ COMMANDS = {
     "trec": ("eval.trec", "score a TREC run file against qrels"),
     "rerank": ("eval.rerank_run", "rerank a run file (TREC / rank_llm) with a checkpoint, resumably"),
     "reference": ("eval.reference", "re-run the recorded first-stage scores and diff them"),
+    "compile": ("twolar_jax.aot.main", "compile a train or score step for a TPU slice ahead of time (no TPU needed)"),
 }
 
 

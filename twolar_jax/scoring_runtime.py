@@ -92,13 +92,17 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "head", "vocab_ids", "rules"))
-def _score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str, vocab_ids: tuple[int, ...],
-                 rules: tuple = ()) -> jax.Array:
-    """Scores of one batch. `rules` is static only so that Rerankers with different rule tables do not
+def score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str, vocab_ids: tuple[int, ...],
+                rules: tuple = ()) -> jax.Array:
+    """Scores of one batch: the one scoring program (the Reranker runs it, `twolar compile --job=score`
+    compiles it for TPU slices). `rules` is static only so that Rerankers with different rule tables do not
     share a trace: the rules themselves are in scope through `partitioning.activation_context`."""
     del rules
     selected = T5(config).apply({"params": params}, tokens, vocab_ids=vocab_ids, method=T5.first_step_logits)
     return score_from_selected(selected, head)
+
+
+_score_batch = score_batch  # the name the Reranker and its tests use
 
 
 # -------------------------------------------------------------------------------------- batches

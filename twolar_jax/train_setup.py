@@ -100,10 +100,14 @@ def initial_params(config: T5Config, seed: int) -> Any:
 
 def prepare(*, config: T5Config, total_steps: int, optimizer: OptimizerConfig, spec: trainer.StepSpec,
             mesh_shape: Sequence[int], num_devices: Optional[int], logical_axis_rules: Optional[Sequence],
-            seed: int) -> RunSetup:
-    """Mesh, rules, optimizer and the abstract state with its shardings; allocates nothing."""
+            seed: int, devices: Optional[Sequence[jax.Device]] = None) -> RunSetup:
+    """Mesh, rules, optimizer and the abstract state with its shardings; allocates nothing.
+
+    `devices` replaces the local ones (num_devices) for a mesh over devices that are only compiled for,
+    e.g. a TPU topology's (twolar_jax.aot)."""
     rules = partitioning.normalize_rules(logical_axis_rules or partitioning.load_logical_axis_rules())
-    mesh = partitioning.make_mesh(mesh_shape, devices=select_devices(num_devices))
+    mesh = partitioning.make_mesh(mesh_shape, devices=list(devices) if devices is not None
+                                  else select_devices(num_devices))
     log.info("mesh %s over %d devices (%d processes)", partitioning.mesh_shape_str(mesh), mesh.size,
              jax.process_count())
     tx, schedule = optimizer.build(total_steps)

@@ -291,6 +291,11 @@ class PartitionedStep:
         with partitioning.activation_context(self.mesh, self.rules):
             return self.jitted.lower(*args)
 
+    def trace(self, *args):
+        """The traced step (its jaxpr; `.lower()` continues), e.g. for abstract arguments (twolar_jax.aot)."""
+        with partitioning.activation_context(self.mesh, self.rules):
+            return self.jitted.trace(*args)
+
 
 def partition_train_step(
     train_step: Callable, mesh, rules, state_shardings: TrainState, batch_like: Batch
