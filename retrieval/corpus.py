@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-from retrieval.text_files import iter_lines
+from retrieval.text_files import iter_lines, json_object_line
 from twolar_jax.errors import FormatError, MissingFileError, PathLike
 
 log = logging.getLogger(__name__)
@@ -102,14 +101,7 @@ def _string_field(obj: Mapping, keys: tuple[str, ...], path: Path, lineno: int, 
 
 
 def _parse_jsonl_line(path: Path, lineno: int, line: str) -> tuple[str, str, str]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise FormatError(path, lineno, "line", f"invalid JSON ({e.msg} at column {e.colno})") from None
-    except ValueError as e:  # e.g. a number of more than 4300 digits (Python's int-from-text limit)
-        raise FormatError(path, lineno, "line", f"invalid JSON ({str(e).split(';')[0]})") from None
-    if not isinstance(obj, dict):
-        raise FormatError(path, lineno, "line", f"expected a JSON object, got {type(obj).__name__}")
+    obj = json_object_line(path, lineno, line)
     docid = _string_field(obj, ("_id", "docid", "id"), path, lineno, required=True)
     title = _string_field(obj, ("title",), path, lineno, required=False)
     text = _string_field(obj, ("text", "contents"), path, lineno, required=False)

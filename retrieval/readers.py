@@ -15,22 +15,10 @@ from typing import Any, Collection, Mapping, Optional
 
 from retrieval.corpus import Corpus, read_corpus
 from retrieval.runs import Qrels, Run
-from retrieval.text_files import iter_lines, read_text
+from retrieval.text_files import iter_lines, json_object_line, read_text
 from twolar_jax.errors import FormatError, MissingFileError, PathLike
 
 log = logging.getLogger(__name__)
-
-
-def _json_object(path: PathLike, lineno: int, line: str) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise FormatError(path, lineno, "line", f"invalid JSON ({e.msg} at column {e.colno})") from None
-    except ValueError as e:  # e.g. a number of more than 4300 digits (Python's int-from-text limit)
-        raise FormatError(path, lineno, "line", f"invalid JSON ({str(e).split(';')[0]})") from None
-    if not isinstance(obj, dict):
-        raise FormatError(path, lineno, "line", f"expected a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _str_field(obj: Mapping, key: str, path: PathLike, lineno: Optional[int], *, allow_empty: bool = False,
@@ -79,7 +67,7 @@ def read_queries(path: PathLike, *, skip_empty: bool = False, stats: Optional[di
     empty = 0
     for lineno, line in iter_lines(path):
         if jsonl:
-            obj = _json_object(path, lineno, line)
+            obj = json_object_line(path, lineno, line)
             key = "qid" if "qid" in obj and "_id" not in obj else "_id"
             qid = _str_field(obj, key, path, lineno)
             text = _str_field(obj, "text" if "text" in obj else "query", path, lineno, allow_empty=True)
@@ -274,7 +262,7 @@ def read_rank_llm_jsonl(path: PathLike) -> list[RankRequest]:
     requests: list[RankRequest] = []
     seen: set[str] = set()
     for lineno, line in iter_lines(path):
-        obj = _json_object(path, lineno, line)
+        obj = json_object_line(path, lineno, line)
         q = obj.get("query")
         if not isinstance(q, dict):
             raise FormatError(path, lineno, "query", "must be an object {text, qid}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -62,3 +63,16 @@ def read_text(path: PathLike) -> str:
 def open_text(path: PathLike) -> IO[str]:
     """A text stream over the file (strict UTF-8); prefer iter_lines where errors should name the line."""
     return io.TextIOWrapper(open_binary(path), encoding="utf-8")
+
+
+def json_object_line(path: PathLike, lineno: int, line: str) -> dict:
+    """One JSONL line as a dict; bad JSON or a non-object is a FormatError naming file and line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise FormatError(path, lineno, "line", f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # e.g. a number of more than 4300 digits (Python's int-from-text limit)
+        raise FormatError(path, lineno, "line", f"invalid JSON ({str(e).split(';')[0]})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(path, lineno, "line", f"expected a JSON object, got {type(obj).__name__}")
+    return obj

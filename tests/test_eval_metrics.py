@@ -9,6 +9,7 @@ import pytest
 
 from eval import metrics, trec
 from retrieval import readers, runs
+from tests.trec_eval_reference import pytrec_eval_per_query
 
 # q1: graded; q2: perfect; q3: judged but absent from the run (counts 0 under -c); q4: a tie.
 QRELS = {"q1": {"a": 2, "b": 1, "c": 0}, "q2": {"d": 1}, "q3": {"e": 1}, "q4": {"x": 0, "y": 1}}
@@ -41,24 +42,13 @@ def test_hand_computed_with_missing_query():
     assert per_query["q2"]["nDCG@10"] == 1.0
 
 
-def _pytrec_eval(qrels, run, measures):
-    """Per-query values from ir-measures' pytrec_eval provider (trec_eval's own code) on the raw scores."""
-    import ir_measures
-
-    parsed = [ir_measures.parse_measure(m) for m in measures]
-    out = {q: {m: 0.0 for m in measures} for q in qrels}
-    for metric in ir_measures.pytrec_eval.iter_calc(parsed, qrels, {q: d for q, d in run.items() if q in qrels}):
-        out[metric.query_id][str(metric.measure)] = metric.value
-    return out
-
-
 def test_trec_eval_ties_match_pytrec_eval_on_a_tied_run():
     """Every measure, ties included, equals what trec_eval's own code computes (pytrec_eval provider)."""
     rng = np.random.default_rng(0)
     qrels = {f"q{i}": {f"d{j}": int(rng.integers(0, 3)) for j in range(12)} for i in range(20)}
     run = {q: {f"d{j}": float(rng.integers(0, 3)) for j in rng.permutation(15)[:10]} for q in qrels}  # many ties
     ours_mean, ours = metrics.evaluate_run(qrels, run)
-    theirs = _pytrec_eval(qrels, run, metrics.DEFAULT_MEASURES)
+    theirs = pytrec_eval_per_query(qrels, run, metrics.DEFAULT_MEASURES)
     for q in qrels:
         for m in metrics.DEFAULT_MEASURES:
             assert ours[q][m] == pytest.approx(theirs[q][m], abs=1e-12), (q, m)

@@ -13,20 +13,10 @@ from twolar_jax.hf_conversion import save_hf_checkpoint
 from twolar_jax.model.config import preset
 from twolar_jax.model.network import init_params
 from twolar_jax.reranker import Reranker
+from tests.trec_eval_reference import pytrec_eval_per_query
 
 CONFIG = preset("tiny")
 MEASURES = ["nDCG@10", "nDCG@3", "RR@10", "R@5", "P@3", "AP"]
-
-
-def _pytrec_eval(qrels, run, measures):
-    """Per-query values from ir-measures' pytrec_eval provider (trec_eval's own code) on raw scores."""
-    import ir_measures
-
-    parsed = [ir_measures.parse_measure(m) for m in measures]
-    out = {q: {m: 0.0 for m in measures} for q in qrels}
-    for metric in ir_measures.pytrec_eval.iter_calc(parsed, qrels, {q: d for q, d in run.items() if q in qrels}):
-        out[metric.query_id][str(metric.measure)] = metric.value
-    return out
 
 
 def _tied_beir(root, n_queries=12, n_docs=16, seed=0):
@@ -62,7 +52,7 @@ def test_tied_runs_give_trec_eval_numbers_through_the_job_and_eval_trec(tmp_path
         run = readers.read_run(out / "beir_ties" / "run.trec")  # the raw scores, ties and all
         if mode == "bm25":
             assert run == first  # the retriever's own scores
-        theirs = _pytrec_eval(qrels, run, MEASURES)
+        theirs = pytrec_eval_per_query(qrels, run, MEASURES)
         ours = json.loads((out / "beir_ties" / "metrics.json").read_text())["per_query"]
         for q in qrels:
             for m in MEASURES:

@@ -38,6 +38,16 @@ def test_every_model_preset_has_a_file():
     assert set(MODEL_FILES.values()) == set(PRESETS)
 
 
+@pytest.mark.parametrize("file_stem", sorted(MODEL_FILES))
+def test_preset_takes_the_gin_file_spelling(file_stem):
+    assert preset(file_stem) == PRESETS[MODEL_FILES[file_stem]]
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown model preset 'flan-t5-huge'.*flan-t5-small"):
+        preset("flan-t5-huge")
+
+
 def test_model_gin_files_hold_no_shapes():
     """One source of presets: the shapes live in PRESETS only; gin files name a preset."""
     for path in (GIN_DIR / "models").glob("*.gin"):

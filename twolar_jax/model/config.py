@@ -233,7 +233,9 @@ PRESETS["tiny"] = PRESETS["flan-t5-small"].replace(
 
 
 def preset(name: str, **overrides: Any) -> T5Config:
-    """A named preset, optionally with fields replaced (e.g. dtype="bfloat16")."""
-    if name not in PRESETS:
+    """A named preset, optionally with fields replaced (e.g. dtype="bfloat16"). The gin files' spelling
+    (`flan_t5_small`) names the same preset as the hub's (`flan-t5-small`)."""
+    key = name.replace("_", "-") if isinstance(name, str) else name
+    if key not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+    return PRESETS[key].replace(**overrides) if overrides else PRESETS[key]

@@ -82,14 +82,18 @@ def is_scanned(params: Mapping[str, Any]) -> bool:
     return any(SCANNED_NAME in params.get(stack, {}) for stack in STACKS)
 
 
-def stack_layers(params: Mapping[str, Any], config: T5Config) -> dict:
-    """Unrolled tree (`<stack>/layers_<i>`) -> scanned tree (`<stack>/layers`, leaves stacked on axis 0)."""
+def _per_stack(params: Mapping[str, Any], config: T5Config, convert) -> dict:
+    """Apply convert(stack, tree, num_layers) -> new tree to each of the encoder/decoder stacks present."""
     out = dict(params)
     for stack in STACKS:
-        if stack not in params:
-            continue
-        tree = dict(params[stack])
-        n = _num_layers(config, stack)
+        if stack in params:
+            out[stack] = convert(stack, dict(params[stack]), _num_layers(config, stack))
+    return out
+
+
+def stack_layers(params: Mapping[str, Any], config: T5Config) -> dict:
+    """Unrolled tree (`<stack>/layers_<i>`) -> scanned tree (`<stack>/layers`, leaves stacked on axis 0)."""
+    def convert(stack: str, tree: dict, n: int) -> dict:
         if SCANNED_NAME in tree:
             raise ValueError(f"{stack}: already scanned (has '{SCANNED_NAME}')")
         names = [_layer_name(i) for i in range(n)]
@@ -100,18 +104,13 @@ def stack_layers(params: Mapping[str, Any], config: T5Config) -> dict:
                              f"unexpected {extra}")
         layers = [tree.pop(name) for name in names]
         tree[SCANNED_NAME] = _map_leaves(_stack_leaf, layers, f"{stack}/{SCANNED_NAME}")
-        out[stack] = tree
-    return out
+        return tree
+    return _per_stack(params, config, convert)
 
 
 def unstack_layers(params: Mapping[str, Any], config: T5Config) -> dict:
     """Scanned tree (`<stack>/layers`) -> unrolled tree (`<stack>/layers_<i>`); the inverse of stack_layers."""
-    out = dict(params)
-    for stack in STACKS:
-        if stack not in params:
-            continue
-        tree = dict(params[stack])
-        n = _num_layers(config, stack)
+    def convert(stack: str, tree: dict, n: int) -> dict:
         if SCANNED_NAME not in tree:
             raise ValueError(f"{stack}: not scanned (no '{SCANNED_NAME}' subtree)")
         scanned = tree.pop(SCANNED_NAME)
@@ -119,8 +118,8 @@ def unstack_layers(params: Mapping[str, Any], config: T5Config) -> dict:
                                f"{stack}/{SCANNED_NAME}")
         for i in range(n):
             tree[_layer_name(i)] = _select(per_leaf, i)
-        out[stack] = tree
-    return out
+        return tree
+    return _per_stack(params, config, convert)
 
 
 def _select(tree: Any, i: int) -> Any:
