@@ -12,8 +12,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 # Dense peak throughput (FLOP/s) by device kind and compute dtype, for MFU. fp32 on Hopper/Ampere: XLA's
 # default matmul precision runs fp32 dots as TF32 on tensor cores, so that is the peak it can reach.
@@ -113,3 +114,15 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def run_main(argv: Sequence[str] | None, parse_args: Callable, run_probe: Callable, run: Callable) -> None:
+    """A benchmark's main: the warm-cache probe when asked for, else `run(args, argv, cache_dir)` against
+    a fresh, empty persistent compilation cache (so the run's first compile is the cold one)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.compile_probe:
+        return run_probe(args)
+    with tempfile.TemporaryDirectory(prefix="twolar_bench_cache_") as cache_dir:
+        use_cache(cache_dir)
+        run(args, argv, cache_dir)

@@ -129,13 +129,7 @@ def torch_scorer(args, config, params, true_id: int, false_id: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.compile_probe:
-        return run_probe(args)
-    with tempfile.TemporaryDirectory(prefix="twolar_bench_cache_") as cache_dir:
-        bench_common.use_cache(cache_dir)  # empty: this process's first pass is the cold compile
-        run(args, argv, cache_dir)
+    bench_common.run_main(argv, parse_args, run_probe, run)
 
 
 def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:

@@ -169,14 +169,8 @@ def run_probe(args) -> None:
     bench_common.report_probe(clock)
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.compile_probe:
-        return run_probe(args)
-    with tempfile.TemporaryDirectory(prefix="twolar_bench_cache_") as cache_dir:
-        bench_common.use_cache(cache_dir)  # empty: this process's first step is the cold compile
-        run(args, argv, cache_dir)
+def main(argv: list[str] | None = None) -> None:
+    bench_common.run_main(argv, parse_args, run_probe, run)
 
 
 def run(args, argv, cache_dir: str) -> None:

@@ -96,12 +96,17 @@ def _assert_scores(run_path, cands, params, k):
     np.testing.assert_allclose(_scores_of(run_path, cands, k), want, atol=1e-6, rtol=0)
 
 
+def _dl19_job(tmp_path, checkpoint, *, top_k):
+    """evaluate()'s keywords for the DL19 slice under tmp_path, and the run file it writes."""
+    kw = dict(output_dir=str(tmp_path / "out"), datasets=["trec_dl/dl19"], data_dir=str(tmp_path / "data"),
+              checkpoint=str(checkpoint), batch_size=8, max_length=96, top_k=top_k)
+    return kw, tmp_path / "out" / "trec_dl_dl19" / "run.trec"
+
+
 def test_new_weights_at_the_same_path_are_scored_afresh(data_dir, tmp_path, caplog):
     cands = _dl19_slice(data_dir, tmp_path / "data")
     path = tmp_path / "model"
-    kw = dict(output_dir=str(tmp_path / "out"), datasets=["trec_dl/dl19"], data_dir=str(tmp_path / "data"),
-              checkpoint=str(path), batch_size=8, max_length=96, top_k=4)
-    run_path = tmp_path / "out" / "trec_dl_dl19" / "run.trec"
+    kw, run_path = _dl19_job(tmp_path, path, top_k=4)
     params_a, params_b = init_params(CONFIG, 1), init_params(CONFIG, 2)
     save_hf_checkpoint(path, CONFIG, params_a)
     evaluate(**kw)
@@ -132,9 +137,7 @@ def test_training_model_dir_is_keyed_by_the_step_loaded(data_dir, tmp_path, capl
 
     cands = _dl19_slice(data_dir, tmp_path / "data")
     model_dir = tmp_path / "model_dir"
-    kw = dict(output_dir=str(tmp_path / "out"), datasets=["trec_dl/dl19"], data_dir=str(tmp_path / "data"),
-              checkpoint=str(model_dir), batch_size=8, max_length=96, top_k=3)
-    run_path = tmp_path / "out" / "trec_dl_dl19" / "run.trec"
+    kw, run_path = _dl19_job(tmp_path, model_dir, top_k=3)
     params_a, params_b = init_params(CONFIG, 1), init_params(CONFIG, 2)
     _save_model_dir(model_dir, params_a, 5)
     evaluate(**kw)

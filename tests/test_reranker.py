@@ -6,7 +6,8 @@ import pytest
 from twolar_jax.hf_conversion import save_hf_checkpoint
 from twolar_jax.model.config import preset
 from twolar_jax.model.network import init_params
-from twolar_jax.reranker import Reranker, _score_batch
+from twolar_jax.reranker import Reranker
+from twolar_jax.scoring_runtime import score_batch
 
 CONFIG = preset("tiny")
 DOCS = ["Geoffrey Hinton, Yann LeCun and Yoshua Bengio received the 2018 Turing Award.",
@@ -66,15 +67,15 @@ def test_bad_inputs(params):
 def test_fixed_shapes_compile_once_per_bucket(params):
     rr = Reranker.from_params(CONFIG, params, batch_size=8, max_length=256, length_buckets=(64, 128, 256),
                               devices=jax.devices()[:1])
-    _score_batch.clear_cache()
+    score_batch.clear_cache()
     docs = [" ".join(["word"] * n) for n in range(0, 240, 7)]
     rr.score_pairs(["q"] * len(docs), docs)
-    first = _score_batch._cache_size()
+    first = score_batch._cache_size()
     assert first <= 3 * 4  # 3 buckets x row counts {1, 2, 4, 8}
     rr.score_pairs(["other query"] * len(docs), docs[::-1])  # same lengths: nothing new to compile
     more = [" ".join(["word"] * n) for n in range(0, 240, 3)]
     rr.score_pairs(["q"] * len(more), more)
-    assert _score_batch._cache_size() <= 3 * 4
+    assert score_batch._cache_size() <= 3 * 4
     assert [rr._rows_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
 
 

@@ -10,7 +10,8 @@ import pytest
 from twolar_jax.model.config import preset
 from twolar_jax.model.network import init_params
 from twolar_jax.prefetch import BackgroundIterator
-from twolar_jax.reranker import Reranker, _score_batch
+from twolar_jax.reranker import Reranker
+from twolar_jax.scoring_runtime import score_batch
 from twolar_jax import partitioning
 
 CONFIG = preset("tiny")
@@ -44,7 +45,7 @@ def synchronous_scores(rr, queries, docs):
             for row, idx in enumerate(chunk):
                 tokens[row, :lengths[idx]] = encoded[idx]
             with partitioning.activation_context(rr.mesh, rr.rules):
-                out = _score_batch(rr.params, jax.device_put(tokens, rr._batch_sharding), config=rr.config,
+                out = score_batch(rr.params, jax.device_put(tokens, rr._batch_sharding), config=rr.config,
                                    head=rr.score_head, vocab_ids=rr.vocab_ids, rules=rr.rules)
             scores[chunk] = np.asarray(out)[:len(chunk)]
     return scores

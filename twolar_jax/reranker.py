@@ -23,7 +23,7 @@ from twolar_jax import partitioning, scoring_runtime
 from twolar_jax.errors import CheckpointError, OptionError, TwolarError, check_choice
 from twolar_jax.model.config import T5Config
 from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens
-from twolar_jax.scoring_runtime import _score_batch  # noqa: F401  (tests count its compiled shapes)
+from twolar_jax.scoring_runtime import score_batch
 from twolar_jax.tokenizer import (DOCUMENT_MARKER, QUERY_PREFIX, SUFFIX, T5Tokenizer, assemble_pair, check_encodable,
                                   check_encoding_options, encode_query_document)
 
@@ -232,7 +232,7 @@ class Reranker:
     def _dispatch(self, tokens: np.ndarray) -> jax.Array:
         batch = jax.device_put(tokens, self._batch_sharding)
         with partitioning.activation_context(self.mesh, self.rules):
-            return _score_batch(self.params, batch, config=self.config, head=self.score_head,
+            return score_batch(self.params, batch, config=self.config, head=self.score_head,
                                 vocab_ids=self.vocab_ids, rules=self.rules)
 
     def _stream(self, items: Iterable, *, show_progress: bool) -> Iterator[np.ndarray]:

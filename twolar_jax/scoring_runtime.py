@@ -102,8 +102,6 @@ def score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str, 
     return score_from_selected(selected, head)
 
 
-_score_batch = score_batch  # the name the Reranker and its tests use
-
 
 # -------------------------------------------------------------------------------------- batches
 @dataclass(frozen=True)

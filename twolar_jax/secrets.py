@@ -95,11 +95,6 @@ def redact_gin_config(text: str) -> str:
     return redact("\n".join(out) + ("\n" if text.endswith("\n") else ""))
 
 
-def redact_exception(exc: BaseException) -> str:
-    """`str(exc)` with secrets removed (for the one-line error of the console entry points)."""
-    return redact(str(exc))
-
-
 class RedactingFormatter(logging.Formatter):
     """A formatter whose whole output (message, arguments and any traceback) is redacted."""
 

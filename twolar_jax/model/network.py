@@ -130,19 +130,27 @@ def resolve_attention(config: T5Config, backend: str | None = None) -> str:
     return _AUTO_ATTENTION.get(backend, "einsum")
 
 
-def _attend(q: Array, key: Array, value: Array, bias: Array | None, key_padding: Array | None,
-            dropout_rng: Array | None, rate: float) -> Array:
-    """One sequence ([len, heads, kv]) or a batch ([B, len, heads, kv]); bias/padding broadcast."""
-    spec = "qhk,thk->hqt" if q.ndim == 3 else "bqhk,bthk->bhqt"
-    logits = jnp.einsum(spec, q, key, preferred_element_type=jnp.float32)
+def _attention_weights(logits: Array, bias: Array | None, key_padding: Array | None, dropout_rng: Array | None,
+                       rate: float) -> Array:
+    """softmax(logits + bias + padding) in fp32, with dropout on the weights when dropout_rng is given."""
     if bias is not None:
-        logits = logits + (bias[0] if q.ndim == 3 else bias)
+        logits = logits + bias
     if key_padding is not None:
         logits = logits + key_padding
     weights = jax.nn.softmax(logits, axis=-1)
     if dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
+    return weights
+
+
+def _attend(q: Array, key: Array, value: Array, bias: Array | None, key_padding: Array | None,
+            dropout_rng: Array | None, rate: float) -> Array:
+    """One sequence ([len, heads, kv]) or a batch ([B, len, heads, kv]); bias/padding broadcast."""
+    spec = "qhk,thk->hqt" if q.ndim == 3 else "bqhk,bthk->bhqt"
+    logits = jnp.einsum(spec, q, key, preferred_element_type=jnp.float32)
+    weights = _attention_weights(logits, None if bias is None else (bias[0] if q.ndim == 3 else bias),
+                                 key_padding, dropout_rng, rate)
     out_spec = "hqt,thk->qhk" if q.ndim == 3 else "bhqt,bthk->bqhk"
     return jnp.einsum(out_spec, weights.astype(value.dtype), value)
 
@@ -197,14 +205,7 @@ def _attend_absorbed(q: Array, inputs_kv: Array, wk: Array, wv: Array, bias: Arr
     of the projections differs."""
     q_model = jnp.einsum("bqhk,dhk->bqhd", q, wk)
     logits = jnp.einsum("bqhd,btd->bhqt", q_model, inputs_kv, preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias
-    if key_padding is not None:
-        logits = logits + key_padding
-    weights = jax.nn.softmax(logits, axis=-1)
-    if dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
+    weights = _attention_weights(logits, bias, key_padding, dropout_rng, rate)
     mixed = jnp.einsum("bhqt,btd->bqhd", weights.astype(inputs_kv.dtype), inputs_kv)
     return jnp.einsum("bqhd,dhk->bqhk", mixed, wv)
 
