@@ -8,7 +8,7 @@ twolar_jax/_packaged/, where twolar_jax.resources finds them.
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -76,15 +76,9 @@ setup(
     version="0.1.0",
     description="TWOLAR distillation of LLM rankings into T5 rerankers, in JAX/Flax.",
     python_requires=">=3.11",
-    packages=[
-        "twolar_jax",
-        "twolar_jax.model",
-        "retrieval",
-        "data_pipeline",
-        "data_pipeline.set_builder",
-        "data_pipeline.seqio_input",
-        "eval",
-    ],
+    # Every package below the four top-level ones (gin/ is data: no __init__.py, shipped by build_py).
+    packages=find_packages(include=[f"{top}{sub}" for top in ("twolar_jax", "retrieval", "data_pipeline", "eval")
+                                    for sub in ("", ".*")]),
     package_data={"twolar_jax": ["assets/*"], "eval": ["*.yaml"]},
     cmdclass={"build_py": BuildWithResources},
     install_requires=CORE,

@@ -22,6 +22,15 @@ def test_wheel_holds_gin_files_and_demo_data(installed_wheel, repo_root):
         assert f"twolar_jax/_packaged/data/{data}" in names  # the demo's data, with its licence notes
     assert not any(n.startswith("gin/") or "__init__" in n and "_packaged/gin" in n for n in names)
     assert {n.split("/")[0] for n in names if n.endswith(".py")} == set(REPO_MODULES)
+    packages = {str(init.parent.relative_to(repo_root)) for top in REPO_MODULES
+                for init in (repo_root / top).rglob("__init__.py")}
+    assert {f"{package}/__init__.py" for package in packages} <= names  # every subpackage, e.g. twolar_jax/aot
+
+
+def test_wheel_compile_help_from_another_directory(installed_wheel):
+    proc = _run(installed_wheel, "-m", "twolar_jax.aot", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--topology" in proc.stdout
 
 
 def test_wheel_imports_resolve_to_the_installed_copy(installed_wheel):
