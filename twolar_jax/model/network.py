@@ -40,6 +40,18 @@ def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
     return nn.with_logical_constraint(x, axes)
 
 
+def _dense(x: Array, kernel: Array, contract: int = 1) -> Array:
+    """x's last `contract` dims times kernel's first `contract` dims, computed as one 2-D matmul.
+
+    [B, L, d] @ [d, heads, kv] becomes [B*L, d] @ [d, heads*kv] (both reshapes are free: row-major,
+    sharded dims stay major). XLA:CPU lays out the backward pass of a dot with two leading dims badly
+    (the gated-GELU gradient was written transposed before each weight-gradient matmul): flat, the
+    flan-t5-small MLP's forward+backward ran 1.6x faster on 2 cores. Same arithmetic as the einsum."""
+    lead, inner, outer = x.shape[:x.ndim - contract], kernel.shape[:contract], kernel.shape[contract:]
+    flat = x.reshape((-1, math.prod(inner))) @ kernel.reshape((math.prod(inner), -1))
+    return flat.reshape(lead + outer)
+
+
 def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Array:
     """T5's bucketing of key-minus-query offsets: exact for small offsets, log-spaced up to max_distance."""
@@ -246,7 +258,7 @@ class Attention(nn.Module):
         wk = _Projection((d, h, k), ("embed", "heads", "kv"), d ** -0.5, name="key")()
         wv = _Projection((d, h, k), ("embed", "heads", "kv"), d ** -0.5, name="value")()
         wo = _Projection((h, k, d), ("heads", "kv", "embed"), (h * k) ** -0.5, name="out")()
-        q = jnp.einsum("bld,dhk->blhk", inputs_q.astype(dtype), wq.astype(dtype))
+        q = _dense(inputs_q.astype(dtype), wq.astype(dtype))
         q = _constrain(q, ("batch", "length", "heads", "kv"))
         rate = c.dropout_rate if enable_dropout else 0.0
         dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
@@ -254,8 +266,8 @@ class Attention(nn.Module):
             out = _attend_absorbed(q, inputs_kv.astype(dtype), wk.astype(dtype), wv.astype(dtype), bias,
                                    key_padding, dropout_rng, rate)
             return self._project_out(out, wo, dtype)
-        key = jnp.einsum("bld,dhk->blhk", inputs_kv.astype(dtype), wk.astype(dtype))
-        value = jnp.einsum("bld,dhk->blhk", inputs_kv.astype(dtype), wv.astype(dtype))
+        key = _dense(inputs_kv.astype(dtype), wk.astype(dtype))
+        value = _dense(inputs_kv.astype(dtype), wv.astype(dtype))
         key = _constrain(key, ("batch", "length", "heads", "kv"))
         value = _constrain(value, ("batch", "length", "heads", "kv"))
         if decode_index is not None:
@@ -273,7 +285,7 @@ class Attention(nn.Module):
 
     @staticmethod
     def _project_out(out: Array, wo: Array, dtype: jnp.dtype) -> Array:
-        out = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dtype))
+        out = _dense(out, wo.astype(dtype), 2)
         return _constrain(out, ("batch", "length", "embed"))
 
 
@@ -290,14 +302,14 @@ class MlpBlock(nn.Module):
         if c.is_gated:
             wi_0 = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi_0")()
             wi_1 = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi_1")()
-            hidden = jax.nn.gelu(x @ wi_0.astype(dtype), approximate=True) * (x @ wi_1.astype(dtype))
+            hidden = jax.nn.gelu(_dense(x, wi_0.astype(dtype)), approximate=True) * _dense(x, wi_1.astype(dtype))
         else:
             wi = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi")()
-            hidden = jax.nn.relu(x @ wi.astype(dtype))
+            hidden = jax.nn.relu(_dense(x, wi.astype(dtype)))
         hidden = _constrain(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=not enable_dropout)
         wo = _Projection((c.d_ff, c.d_model), ("mlp", "embed"), c.d_ff ** -0.5, name="wo")()
-        return _constrain(hidden @ wo.astype(dtype), ("batch", "length", "embed"))
+        return _constrain(_dense(hidden, wo.astype(dtype)), ("batch", "length", "embed"))
 
 
 class EncoderLayer(nn.Module):
