@@ -119,7 +119,7 @@ def prepare(*, config: T5Config, total_steps: int, optimizer: OptimizerConfig, s
 def _runtime_fields(config: T5Config) -> dict[str, Any]:
     """Fields a run may set differently from the checkpoint it starts from (how it computes, not what)."""
     return {"dtype": config.dtype, "remat": config.remat, "dropout_rate": config.dropout_rate,
-            "attention": config.attention, "scan_layers": config.scan_layers}
+            "attention": config.attention, "projection": config.projection, "scan_layers": config.scan_layers}
 
 
 def _from_hf(setup: RunSetup, init_checkpoint: str) -> TrainState:

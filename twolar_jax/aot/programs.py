@@ -28,7 +28,7 @@ from twolar_jax.errors import OptionError
 from twolar_jax.model import network
 from twolar_jax.model.config import PRESETS, T5Config
 
-RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "attention", "scan_layers")
+RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "attention", "projection", "scan_layers")
 
 
 @dataclasses.dataclass
@@ -57,7 +57,8 @@ def model_name(config: T5Config) -> str:
 
 
 def _for_tpu(config: T5Config) -> T5Config:
-    return config.replace(attention=network.resolve_attention(config, "tpu"))
+    return config.replace(attention=network.resolve_attention(config, "tpu"),
+                          projection=network.resolve_projection(config, "tpu"))
 
 
 def _check_split(count: int, mesh: Mesh, rules: Sequence, what: str) -> None:

@@ -12,6 +12,8 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # How the attention core is computed (`network.resolve_attention` turns "auto" into one of the others).
 ATTENTION_KINDS = ("auto", "rows", "einsum", "dot_product")
+# How projections are computed (`network.resolve_projection` turns "auto" into one of the others).
+PROJECTION_KINDS = ("auto", "flat", "einsum")
 # Values of the field this one replaced (`attention_loop`), for model_config.json files written before.
 _LEGACY_ATTENTION_LOOP = {"auto": "auto", "rows": "rows", "batched": "einsum"}
 
@@ -45,6 +47,10 @@ class T5Config:
     # (one batched einsum-softmax-einsum), "dot_product" (jax.nn.dot_product_attention), or "auto" (rows
     # on CPU, dot_product on GPU, einsum on TPU). Same arithmetic every way; see network.resolve_attention.
     attention: str = "auto"
+    # The projections (query/key/value/out, the MLP): "flat" (one [B*L, d] @ [d, n] matmul each, what
+    # XLA:CPU differentiates well), "einsum" (dot_general on the [B, L, d] activations, what XLA:TPU lays
+    # out in less memory), or "auto" (flat on CPU, einsum elsewhere). Same arithmetic; network.resolve_projection.
+    projection: str = "auto"
     # Encoder/decoder layers under nn.scan (t5x/MaxText `scan_layers`): parameters stacked on a leading
     # 'layers' axis under <stack>/layers instead of <stack>/layers_<i>; model.scan converts between the two.
     # Faster to compile for deep models; the same numbers either way.
@@ -58,6 +64,8 @@ class T5Config:
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected one of {FEED_FORWARD_KINDS}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"T5Config.attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if self.projection not in PROJECTION_KINDS:
+            raise ValueError(f"T5Config.projection={self.projection!r}: expected one of {PROJECTION_KINDS}")
         if self.scale_decoder_outputs is not None and not isinstance(self.scale_decoder_outputs, bool):
             raise ValueError(f"T5Config.scale_decoder_outputs={self.scale_decoder_outputs!r}: expected True, False or None")
         if self.scale_decoder_outputs == self.tie_word_embeddings:
