@@ -102,7 +102,6 @@ def score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str, 
     return score_from_selected(selected, head)
 
 
-
 # -------------------------------------------------------------------------------------- batches
 @dataclass(frozen=True)
 class Batch:

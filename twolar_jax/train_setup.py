@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from twolar_jax import checkpointing, partitioning, train_state, trainer
 from twolar_jax.errors import CheckpointError, OptionError
 from twolar_jax.model import network
-from twolar_jax.model.config import T5Config, preset
+from twolar_jax.model.config import RUNTIME_FIELDS, T5Config, preset
 from twolar_jax.optimizers import OptimizerConfig
 from twolar_jax.train_state import TrainState
 
@@ -118,8 +118,7 @@ def prepare(*, config: T5Config, total_steps: int, optimizer: OptimizerConfig, s
 
 def _runtime_fields(config: T5Config) -> dict[str, Any]:
     """Fields a run may set differently from the checkpoint it starts from (how it computes, not what)."""
-    return {"dtype": config.dtype, "remat": config.remat, "dropout_rate": config.dropout_rate,
-            "attention": config.attention, "projection": config.projection, "scan_layers": config.scan_layers}
+    return {name: getattr(config, name) for name in RUNTIME_FIELDS}
 
 
 def _from_hf(setup: RunSetup, init_checkpoint: str) -> TrainState:

@@ -26,9 +26,7 @@ from twolar_jax.aot.gin_jobs import ScoreJob, TrainJob
 from twolar_jax.aot.topology import Topology
 from twolar_jax.errors import OptionError
 from twolar_jax.model import network
-from twolar_jax.model.config import PRESETS, T5Config
-
-RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "attention", "projection", "scan_layers")
+from twolar_jax.model.config import PRESETS, RUNTIME_FIELDS, T5Config
 
 
 @dataclasses.dataclass

@@ -14,6 +14,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_KINDS = ("auto", "rows", "einsum", "dot_product")
 # How projections are computed (`network.resolve_projection` turns "auto" into one of the others).
 PROJECTION_KINDS = ("auto", "flat", "einsum")
+# Fields that say how the model computes, not what: a run may set them differently from its checkpoint.
+RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "attention", "projection", "scan_layers")
 # Values of the field this one replaced (`attention_loop`), for model_config.json files written before.
 _LEGACY_ATTENTION_LOOP = {"auto": "auto", "rows": "rows", "batched": "einsum"}
 
