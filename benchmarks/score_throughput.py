@@ -3,7 +3,8 @@
 Both score the same DL19 BM25 candidate texts with the same random weights (our params exported with
 `save_hf_checkpoint` and loaded by transformers), the way TWOLAR, pygaggle and rerankers score: the whole
 batch padded to its longest pair, full forward, one decoder step. Ours goes through the public Reranker
-(tokenization included, its length buckets and batch padding as they are). The two sides take turns,
+(tokenization included, its batch planner and length buckets as they are); `--per_query` scores each
+query's candidates as its own group, as `Reranker.rank` does (torch batches within each query). The two sides take turns,
 `--rounds` passes each over all pairs, so a CPU shared with other jobs slows both alike; the ratio is
 total torch time over total ours time. Prints pairs/s for each, MFU where the device's peak is known,
 `compile_s=` for the first pass in this fresh process against an empty persistent compilation cache
@@ -12,6 +13,7 @@ total torch time over total ours time. Prints pairs/s for each, MFU where the de
 
   python benchmarks/score_throughput.py --quick            # 128 pairs, one round: about a minute on 2 cores
   python benchmarks/score_throughput.py                    # 512 pairs, 2 rounds
+  python benchmarks/score_throughput.py --per_query        # the same pairs, one query at a time
   python benchmarks/score_throughput.py --preset flan-t5-base --dtype bfloat16 --pairs 4300   # on a GPU
 """
 from __future__ import annotations
@@ -64,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=None, help="timed passes per side, taking turns (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="128 pairs, one round (about a minute on a 2-core CPU)")
+    ap.add_argument("--per_query", action="store_true",
+                    help="score each query's candidates as one group (score_groups, as Reranker.rank scores one "
+                         "query; torch batches within each query) instead of all pairs as one list")
     ap.add_argument("--skip_torch", action="store_true")
     ap.add_argument("--skip_warm_compile", action="store_true", help="do not start the warm-cache subprocess")
     ap.add_argument(bench_common.PROBE_FLAG, default=None, metavar="CACHE_DIR", dest="compile_probe",
@@ -88,12 +93,32 @@ def build_reranker(args):
     return rr, config, params, queries, docs, source
 
 
+def query_runs(queries: list[str]) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal consecutive queries: one query's candidates."""
+    runs, start = [], 0
+    for i in range(1, len(queries) + 1):
+        if i == len(queries) or queries[i] != queries[start]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def score_ours(args, rr, queries: list[str], docs: list[str]):
+    """Our scores as a user gets them (tokenization included): one list, or one group per query."""
+    import numpy as np
+
+    if not args.per_query:
+        return rr.score_pairs(queries, docs)
+    groups = [list(zip(queries[a:b], docs[a:b])) for a, b in query_runs(queries)]
+    return np.concatenate(list(rr.score_groups(groups)))
+
+
 def run_probe(args) -> None:
     """The warm-cache measurement: a fresh process whose only work is the first pass."""
     bench_common.use_cache(args.compile_probe)
     rr, _, _, queries, docs, _ = build_reranker(args)
     clock = bench_common.CompileClock()
-    rr.score_token_ids(rr.encode_pairs(queries, docs))
+    score_ours(args, rr, queries, docs)
     bench_common.report_probe(clock)
 
 
@@ -115,8 +140,10 @@ def torch_scorer(args, config, params, true_id: int, false_id: int):
 
     def score(qs, ds):
         out = []
-        for i in range(0, len(ds), args.batch_size):
-            texts = [f"Query: {q} Document: {d} Relevant:" for q, d in zip(qs[i:i + args.batch_size], ds[i:i + args.batch_size])]
+        runs = query_runs(qs) if args.per_query else [(0, len(ds))]
+        for i, end in ((i, e) for a, e in runs for i in range(a, e, args.batch_size)):
+            stop = min(i + args.batch_size, end)
+            texts = [f"Query: {q} Document: {d} Relevant:" for q, d in zip(qs[i:stop], ds[i:stop])]
             enc = tok(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt").to(tdev)
             with torch.inference_mode():
                 logits = model(**enc, decoder_input_ids=torch.zeros((len(texts), 1), dtype=torch.long, device=tdev)).logits[:, 0, :]
@@ -139,13 +166,14 @@ def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:
     print(f"load before: {bench_common.load_average()}")
     rr, config, params, queries, docs, source = build_reranker(args)
     device = jax.devices()[0]
-    print(f"data: {len(docs)} DL19 pairs from {source}")
+    print(f"data: {len(docs)} DL19 pairs from {source}"
+          + (f", {len(query_runs(queries))} queries scored one by one" if args.per_query else ", one list"))
     print(f"model: {args.preset} random weights, dtype={args.dtype}, device={device.device_kind} x{jax.device_count()}, "
           f"xla threads={len(os.sched_getaffinity(0))}")
 
     encoded = rr.encode_pairs(queries, docs)
     clock = bench_common.CompileClock()
-    first_s = bench_common.timed(lambda: rr.score_token_ids(encoded))  # compiles each length bucket once
+    first_s = bench_common.timed(lambda: score_ours(args, rr, queries, docs))  # compiles each shape once
     compile_cold = clock.seconds
     print(f"ours first pass: {first_s:.2f} s, of which compile {compile_cold:.2f} s ({clock.describe()})")
 
@@ -155,7 +183,7 @@ def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:
         score_torch(queries[: args.batch_size], docs[: args.batch_size])  # warm-up
     for _ in range(args.rounds):  # the two sides take turns, so a shared CPU slows both alike
         t0 = time.perf_counter()
-        ours_scores = rr.score_pairs(queries, docs)  # tokenization included, as a user sees it
+        ours_scores = score_ours(args, rr, queries, docs)  # tokenization included, as a user sees it
         ours_times.append(time.perf_counter() - t0)
         if not args.skip_torch:
             t0 = time.perf_counter()

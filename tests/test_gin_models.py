@@ -77,6 +77,21 @@ def test_register_is_idempotent_and_refuses_a_second_object():
         gin_utils.register(other, name="probe_fn", module="tests")
 
 
+def test_register_after_a_finalized_run_in_the_same_process():
+    """A notebook that trains and then evaluates: the first run's gin.finalize() locked the config."""
+    parse_gin_flags(["models/tiny.gin"])
+    assert gin.config_is_locked()
+
+    def late(x=3):
+        return x
+
+    try:
+        configurable = gin_utils.register(late, name="late_fn", module="tests")
+        assert configurable() == 3 and gin.config_is_locked()
+    finally:
+        gin.clear_config()
+
+
 def test_gin_flag_rewriting():
     argv = ["--gin_file=models/tiny.gin", "--gin.model_preset.dtype='bfloat16'", "--gin_search_paths=/a,/b", "--other"]
     assert rewrite_gin_args(argv)[1] == "--gin_bindings=model_preset.dtype = 'bfloat16'"

@@ -149,7 +149,12 @@ def test_rerank_run_resumes_and_rescores_new_weights(dl19, tmp_path, monkeypatch
     assert len(log_path.read_text().splitlines()) == 6
     assert rerank_run.main(args) == 0 and made[-1].pairs == 0 and out.read_text() == first  # all from the log
     log_path.write_text("".join(log_path.read_text().splitlines(keepends=True)[:2]))  # an interrupted job
-    assert rerank_run.main(args) == 0 and made[-1].pairs == 12 and out.read_text() == first
+    assert rerank_run.main(args) == 0 and made[-1].pairs == 12  # the 12 rescored pairs batch differently:
+    (tmp_path / "first.trec").write_text(first)                 # the same run to float32 rounding
+    resumed, fresh = readers.read_run(out), readers.read_run(tmp_path / "first.trec")
+    assert {q: sorted(d) for q, d in resumed.items()} == {q: sorted(d) for q, d in fresh.items()}
+    for qid, docs in fresh.items():
+        np.testing.assert_allclose([resumed[qid][d] for d in docs], list(docs.values()), atol=ATOL, rtol=0)
     # New weights at the same path: the log is not reused, and the numbers are the new model's.
     save_hf_checkpoint(path, CONFIG, init_params(CONFIG, 2))
     capsys.readouterr()

@@ -11,7 +11,7 @@ from twolar_jax.model.config import preset
 from twolar_jax.model.network import init_params
 from twolar_jax.prefetch import BackgroundIterator
 from twolar_jax.reranker import Reranker
-from twolar_jax.scoring_runtime import score_batch
+from twolar_jax.scoring_runtime import plan_batches, score_batch
 from twolar_jax import partitioning
 
 CONFIG = preset("tiny")
@@ -31,24 +31,39 @@ def _threads():
     return {t for t in threading.enumerate() if t.name.startswith("twolar-")}
 
 
+def _score_blocking(rr, tokens):
+    with partitioning.activation_context(rr.mesh, rr.rules):
+        out = score_batch(rr.params, jax.device_put(tokens, rr._batch_sharding), config=rr.config,
+                          head=rr.score_head, vocab_ids=rr.vocab_ids, rules=rr.rules)
+    return np.asarray(out)
+
+
 def synchronous_scores(rr, queries, docs):
-    """The pre-streaming loop: sort into buckets, one blocking batch after another."""
+    """The same plan scored without the stream: one blocking batch after another."""
     encoded = rr.encode_pairs(queries, docs)
     scores = np.zeros(len(encoded), np.float32)
-    lengths = np.array([len(ids) for ids in encoded])
-    bucket_of = np.searchsorted(np.array(rr.length_buckets), lengths)
-    for b, bucket_len in enumerate(rr.length_buckets):
-        members = np.flatnonzero(bucket_of == b)
-        for start in range(0, len(members), rr.batch_size):
-            chunk = members[start:start + rr.batch_size]
-            tokens = np.zeros((rr._rows_for(len(chunk)), bucket_len), np.int32)
-            for row, idx in enumerate(chunk):
-                tokens[row, :lengths[idx]] = encoded[idx]
-            with partitioning.activation_context(rr.mesh, rr.rules):
-                out = score_batch(rr.params, jax.device_put(tokens, rr._batch_sharding), config=rr.config,
-                                   head=rr.score_head, vocab_ids=rr.vocab_ids, rules=rr.rules)
-            scores[chunk] = np.asarray(out)[:len(chunk)]
+    lengths = [len(ids) for ids in encoded]
+    for chunk in plan_batches(lengths, buckets=rr.length_buckets, batch_size=rr.batch_size,
+                              parallelism=rr.parallelism):
+        bucket_len = rr.length_buckets[np.searchsorted(rr.length_buckets, max(lengths[i] for i in chunk))]
+        tokens = np.zeros((rr._rows_for(len(chunk)), bucket_len), np.int32)
+        for row, idx in enumerate(chunk):
+            tokens[row, :lengths[idx]] = encoded[idx]
+        scores[chunk] = _score_blocking(rr, tokens)[:len(chunk)]
     return scores
+
+
+def test_scores_do_not_depend_on_the_batch_a_pair_lands_in(rr):
+    """Each pair alone, at its own bucket, against the planned batches (which pad it to its batch's bucket):
+    the same to fp32 rounding, in any input order."""
+    encoded = rr.encode_pairs(QUERIES, DOCS)
+    alone = []
+    for ids in encoded:
+        tokens = np.zeros((rr._rows_for(1), rr.length_buckets[np.searchsorted(rr.length_buckets, len(ids))]), np.int32)
+        tokens[0, :len(ids)] = ids
+        alone.append(_score_blocking(rr, tokens)[0])
+    np.testing.assert_allclose(rr.score_pairs(QUERIES, DOCS), np.array(alone), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rr.score_pairs(QUERIES[::-1], DOCS[::-1]), np.array(alone[::-1]), rtol=1e-5, atol=1e-6)
 
 
 def test_stream_scores_equal_the_synchronous_loop(rr):

@@ -36,14 +36,16 @@ _ADDED_SEARCH_PATHS: set[str] = set()
 # ------------------------------------------------------------------------------------- registration
 def register(obj: Any, *, name: Optional[str] = None, module: Optional[str] = None) -> Any:
     """`gin.external_configurable(obj, name, module)`, once per (module, name): later calls return the same
-    configurable; registering a different object under a taken name is an error."""
+    configurable; registering a different object under a taken name is an error. Works after an earlier run
+    in the same process finalized (locked) the config, e.g. an eval job started after training in a notebook."""
     key = (module, name or obj.__name__)
     if key in _REGISTERED:
         original, configurable = _REGISTERED[key]
         if original is not obj:
             raise ValueError(f"gin name {'.'.join(filter(None, key))!r} is already registered for {original!r}")
         return configurable
-    configurable = gin.external_configurable(obj, name=key[1], module=module)
+    with gin.unlock_config():
+        configurable = gin.external_configurable(obj, name=key[1], module=module)
     _REGISTERED[key] = (obj, configurable)
     return configurable
 

@@ -1,8 +1,8 @@
 """The public reranking API: `Reranker.from_pretrained(path_or_hub_id).rank(query, docs)`.
 
-Pairs are tokenized on a background thread, grouped into a few fixed length buckets and padded to the
-batch size (a last partial batch to the next power of two), so jit compiles a handful of shapes however
-many documents come in; the device scores one batch while the next is assembled, and results are
+Pairs are tokenized on a background thread, sorted into batches of similar length and padded to a
+length bucket and the batch size (a partial batch to the next power of two), so jit compiles a bounded
+set of shapes however many documents come in; the device scores one batch while the next is assembled, and results are
 fetched a few batches behind dispatch (`scoring_runtime`). Parameters are laid out on a
 (data, fsdp, model) mesh by the training rules: replicated by default, fsdp or tensor parallel for
 models that do not fit one device. Only the vocabulary entries a score head reads are computed.
@@ -40,14 +40,17 @@ class RankedDoc:
 
 
 def default_length_buckets(max_length: int) -> tuple[int, ...]:
-    """64, 96, 128, 192, 256, 384, ... up to max_length: at most ~1.5x padding, a handful of shapes."""
-    buckets, size = [], 64
+    """16, 32, ..., 128, then four steps per doubling (160, 192, 224, 256, 320, ...) up to max_length.
+
+    An input pads at most 16 tokens below 128 and a quarter of its length above: fine enough that
+    `plan_batches` pads DL19's BM25 top-100 pairs by 17% per query (the old 64, 96, 128, 192, ... buckets
+    filled one by one padded 41%), coarse enough that a dataset compiles a dozen or two shapes."""
+    buckets, size, step = [], 16, 16
     while size < max_length:
         buckets.append(size)
-        half_step = size * 3 // 2
-        if half_step < max_length:
-            buckets.append(half_step)
-        size *= 2
+        if size >= 128 and size & (size - 1) == 0:  # from 128, each doubling in four steps
+            step = size // 4
+        size += step
     return tuple(buckets + [max_length])
 
 
@@ -99,6 +102,8 @@ class Reranker:
     (-1, 1, 1) replicates the parameters, (1, -1, 1) shards them fsdp, (1, 2, 4) adds tensor parallelism.
     logical_axis_rules: the rule table mapping the model's logical axes onto those mesh axes (default:
     gin/mesh/rules.gin, the training table). compile_cache: use the persistent compilation cache.
+    length_buckets: the lengths a batch may be padded to (default: `default_length_buckets(max_length)`);
+    fewer buckets compile fewer shapes, more pad fewer tokens.
     prefetch: how many assembled batches the tokenizer thread may run ahead of the device.
     """
 

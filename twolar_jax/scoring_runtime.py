@@ -3,9 +3,10 @@
 Parameters are placed with the same logical-axis rules as training (`partitioning`), so a model that
 does not fit one device is scored fsdp- or tensor-parallel by changing only the mesh shape; batches
 split over the rule table's batch axes. Scoring is a stream: a background thread tokenizes and
-assembles length-bucketed batches (`group_batches`), the caller's thread dispatches them and fetches
-each result only a few batches later (`stream_scores`), so the host never waits on the device between
-batches. Batch membership is the same as one synchronous pass over each group, so scores are too.
+assembles length-bucketed batches (`group_batches`, cut by `plan_batches` to pad the fewest tokens),
+the caller's thread dispatches them and fetches each result only a few batches later (`stream_scores`),
+so the host never waits on the device between batches. Batches depend only on each window's lengths;
+a pair's score can move in the last fp32 bits with its batch (its padded length and row count).
 """
 from __future__ import annotations
 
@@ -127,33 +128,73 @@ def rows_for(n: int, *, batch_size: int, parallelism: int) -> int:
     return min(rows, batch_size)
 
 
-def group_batches(group: int, encoded: Iterable[Sequence[int]], *, buckets: Sequence[int], batch_size: int,
-                  parallelism: int) -> Iterator[Batch | GroupEnd]:
-    """Batches of one group as inputs arrive: an input joins the shortest bucket it fits, a bucket is
-    emitted when full and the partial ones at the end (the same members as sorting the whole group)."""
-    pending: list[list[tuple[int, Sequence[int]]]] = [[] for _ in buckets]
+# What one more batch costs beyond its padded tokens, in tokens: a dispatch and its small matmuls. It
+# keeps the planner from cutting a run into many tiny batches to save a few padded positions.
+BATCH_OVERHEAD_TOKENS = 256
 
-    def emit(b: int) -> Batch:
-        members = pending[b]
-        tokens = np.zeros((rows_for(len(members), batch_size=batch_size, parallelism=parallelism), buckets[b]),
-                          np.int32)
-        for row, (_, ids) in enumerate(members):
-            tokens[row, :len(ids)] = ids
-        pending[b] = []
-        return Batch(group, np.array([i for i, _ in members], np.int64), tokens)
+
+def plan_batches(lengths: Sequence[int], *, buckets: Sequence[int], batch_size: int, parallelism: int,
+                 overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[np.ndarray]:
+    """Which inputs to score together: positions into `lengths`, one array per batch, padding the fewest tokens.
+
+    A batch of n inputs costs rows_for(n) rows times its bucket (the shortest one holding its longest
+    input), plus `overhead_tokens`. Some cheapest plan cuts the inputs, sorted by length, into runs (swapping
+    a long input of a short-bucket batch for a short one of a long-bucket batch never costs more), so a
+    dynamic programme over the cut points finds it in O(n x batch_size). Ties keep input order, so the plan
+    depends only on the lengths."""
+    lengths = np.asarray(lengths, np.int64)
+    n = len(lengths)
+    if n == 0:
+        return []
+    bucket_arr = np.asarray(buckets, np.int64)
+    order = np.argsort(lengths, kind="stable")
+    padded = bucket_arr[np.searchsorted(bucket_arr, lengths[order])]  # each sorted input's own bucket
+    rows = np.array([0] + [rows_for(k, batch_size=batch_size, parallelism=parallelism)
+                           for k in range(1, batch_size + 1)], np.int64)
+    best = np.zeros(n + 1, np.int64)
+    cut = np.zeros(n + 1, np.int64)
+    for end in range(1, n + 1):  # the batch ending at sorted input end-1 starts at some i in [end-B, end)
+        starts = np.arange(max(0, end - batch_size), end)
+        costs = best[starts] + rows[end - starts] * padded[end - 1] + overhead_tokens
+        pick = int(np.argmin(costs))  # the first minimum: the longest batch among equal costs
+        best[end], cut[end] = costs[pick], starts[pick]
+    plan, end = [], n
+    while end > 0:
+        plan.append(np.sort(order[cut[end]:end]))
+        end = int(cut[end])
+    return plan[::-1]
+
+
+def group_batches(group: int, encoded: Iterable[Sequence[int]], *, buckets: Sequence[int], batch_size: int,
+                  parallelism: int, window: int | None = None) -> Iterator[Batch | GroupEnd]:
+    """Batches of one group: inputs are read `window` at a time (default 16 batches' worth) and each window
+    is cut by `plan_batches`, so the device starts on a long group before all of it is tokenized."""
+    window = window or 16 * batch_size
+    pending: list[tuple[int, Sequence[int]]] = []
+
+    def emit_window() -> Iterator[Batch]:
+        plan = plan_batches([len(ids) for _, ids in pending], buckets=buckets, batch_size=batch_size,
+                            parallelism=parallelism)
+        for members in plan:
+            longest = max(len(pending[m][1]) for m in members)
+            tokens = np.zeros((rows_for(len(members), batch_size=batch_size, parallelism=parallelism),
+                               buckets[bisect.bisect_left(buckets, longest)]), np.int32)
+            for row, m in enumerate(members):
+                ids = pending[m][1]
+                tokens[row, :len(ids)] = ids
+            yield Batch(group, np.array([pending[m][0] for m in members], np.int64), tokens)
+        pending.clear()
 
     size = 0
     for i, ids in enumerate(encoded):
-        b = bisect.bisect_left(buckets, len(ids))
-        if b == len(buckets):
+        if len(ids) > buckets[-1]:
             raise ValueError(f"input {i} has {len(ids)} tokens, more than the longest length bucket {buckets[-1]}")
-        pending[b].append((i, ids))
+        pending.append((i, ids))
         size += 1
-        if len(pending[b]) == batch_size:
-            yield emit(b)
-    for b in range(len(buckets)):
-        if pending[b]:
-            yield emit(b)
+        if len(pending) == window:
+            yield from emit_window()
+    if pending:
+        yield from emit_window()
     yield GroupEnd(group, size)
 
 
