@@ -4,9 +4,9 @@ Both score the same DL19 BM25 candidate texts with the same random weights (our 
 `save_hf_checkpoint` and loaded by transformers), the way TWOLAR, pygaggle and rerankers score: the whole
 batch padded to its longest pair, full forward, one decoder step. Ours goes through the public Reranker
 (tokenization included, its batch planner and length buckets as they are); `--per_query` scores each
-query's candidates as its own group, as `Reranker.rank` does (torch batches within each query). The two sides take turns,
-`--rounds` passes each over all pairs, so a CPU shared with other jobs slows both alike; the ratio is
-total torch time over total ours time. Prints pairs/s for each, MFU where the device's peak is known,
+query's candidates as its own group, as `Reranker.rank` does (torch batches within each query). The two
+sides take turns, `--rounds` passes each over all pairs, so a CPU shared with other jobs slows both
+alike; the ratio is total torch time over total ours time. Prints pairs/s for each, MFU where the device's peak is known,
 `compile_s=` for the first pass in this fresh process against an empty persistent compilation cache
 (cache=cold) and in a fresh subprocess against the filled one (cache=warm), and last
 `ratio_vs_torch=<ours pairs/s / torch pairs/s>`.

@@ -80,14 +80,14 @@ def test_plan_never_costs_more_than_filling_buckets_one_by_one():
 
 
 def test_plan_pads_dl19_less_than_the_old_buckets():
-    """The shipped DL19 candidates' token lengths, scored per query as the eval jobs do."""
-    from twolar_jax.reranker import Reranker  # noqa: F401 - the tokenizer the Reranker uses
+    """The shipped DL19 candidates' token lengths, one query at a time (as `Reranker.rank` scores)."""
     import json
     from pathlib import Path
 
     from twolar_jax.tokenizer import T5Tokenizer
 
-    rows = json.loads((Path(__file__).resolve().parent.parent / "data" / "trec_dl" / "dl19_bm25_top100.json").read_text())
+    shipped = Path(__file__).resolve().parent.parent / "data" / "trec_dl" / "dl19_bm25_top100.json"
+    rows = json.loads(shipped.read_text())
     tok = T5Tokenizer()
     old_buckets = (64, 96, 128, 192, 256, 384, 512)
     real, old, new = 0, 0, 0

@@ -2,8 +2,8 @@
 
 Pairs are tokenized on a background thread, sorted into batches of similar length and padded to a
 length bucket and the batch size (a partial batch to the next power of two), so jit compiles a bounded
-set of shapes however many documents come in; the device scores one batch while the next is assembled, and results are
-fetched a few batches behind dispatch (`scoring_runtime`). Parameters are laid out on a
+set of shapes however many documents come in; the device scores one batch while the next is assembled,
+and results are fetched a few batches behind dispatch (`scoring_runtime`). Parameters are laid out on a
 (data, fsdp, model) mesh by the training rules: replicated by default, fsdp or tensor parallel for
 models that do not fit one device. Only the vocabulary entries a score head reads are computed.
 """
