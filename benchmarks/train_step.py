@@ -9,15 +9,17 @@ torch.optim.AdamW, loaded from our random weights written with twolar_jax.hf_con
     .venv/bin/python benchmarks/train_step.py --preset flan-t5-base --dtype bfloat16   # on a GPU
 
 The two sides take turns step by step (after a warm-up), so a CPU shared with other jobs slows both
-alike. Prints steps/s and tokens/s for both, the first step's loss from both (they must agree), MFU where
-the device's peak is known (H100/H200/A100), `compile_s=` of the first step in this fresh process
-against an empty persistent compilation cache (cache=cold) and in a fresh subprocess that compiles the
-same step against the filled one (cache=warm), and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
+alike. Prints steps/s and tokens/s for both, each side's CPU seconds (user, system) and page faults per
+step, the first step's loss from both (they must agree), MFU where the device's peak is known
+(H100/H200/A100), `compile_s=` of the first step in this fresh process against an empty persistent
+compilation cache (cache=cold) and in a fresh subprocess that compiles the same step against the filled
+one (cache=warm), and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -58,6 +60,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class OsCost:
+    """CPU seconds (user, system) and minor page faults of the process while inside `with` blocks.
+
+    On CPU both sides allocate each step's activations afresh; the kernel zeroes every new page on first
+    touch, so page faults and system time are part of the step's cost (and vary with the host)."""
+
+    def __init__(self) -> None:
+        self.user = self.system = 0.0
+        self.faults = 0
+
+    def __enter__(self) -> "OsCost":
+        self._start = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        self.user += end.ru_utime - self._start.ru_utime
+        self.system += end.ru_stime - self._start.ru_stime
+        self.faults += end.ru_minflt - self._start.ru_minflt
+
+    def describe(self, steps: int) -> str:
+        return (f"user_s={self.user / steps:.1f} sys_s={self.system / steps:.1f} "
+                f"page_faults={self.faults / steps / 1e6:.2f}M")
+
+
 def make_batch(n: int, length: int, seed: int = 0):
     """One query's group: n full-length passages (no padding, so both sides do the same work)."""
     import numpy as np
@@ -85,12 +112,13 @@ def make_jax_step(config, params, batch, tokens):
     """Our jitted step (state donated); returns (step() -> metrics, state_ready())."""
     import jax
 
-    from twolar_jax import optimizers, trainer
+    from twolar_jax import compiler_options, optimizers, trainer
     from twolar_jax.train_state import TrainState
 
     opt, schedule = optimizers.make_optimizer(learning_rate=5e-5, weight_decay=0.01, clip_norm=1.0)
     spec = trainer.make_step_spec(loss="rank_net", score_tokens=tokens, enable_dropout=False)
-    jitted = jax.jit(trainer.make_train_step(config, opt, schedule, spec), donate_argnums=(0,))
+    jitted = jax.jit(trainer.make_train_step(config, opt, schedule, spec), donate_argnums=(0,),
+                     compiler_options=compiler_options.for_platform(jax.default_backend()))  # as the trainer does
     holder = {"state": TrainState.create(jax.device_put(params), opt)}
     batch = jax.device_put(batch)
     rng = jax.random.PRNGKey(0)
@@ -210,15 +238,18 @@ def run(args, argv, cache_dir: str) -> None:
     jax_ready()
     torch_sync()
     j_times, t_times = [], []
+    j_os, t_os = OsCost(), OsCost()
     for _ in range(args.steps):  # the two sides take turns, so a shared CPU slows both alike
-        t0 = time.perf_counter()
-        jax_step()
-        jax_ready()
-        j_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        torch_step()
-        torch_sync()
-        t_times.append(time.perf_counter() - t0)
+        with j_os:
+            t0 = time.perf_counter()
+            jax_step()
+            jax_ready()
+            j_times.append(time.perf_counter() - t0)
+        with t_os:
+            t0 = time.perf_counter()
+            torch_step()
+            torch_sync()
+            t_times.append(time.perf_counter() - t0)
     j_step, t_step = sum(j_times) / len(j_times), sum(t_times) / len(t_times)
 
     print(f"first-step loss: jax={j_loss:.6f} torch={t_loss:.6f} (same weights, same batch)")
@@ -226,6 +257,7 @@ def run(args, argv, cache_dir: str) -> None:
           f"first call {first_s:.1f} s)")
     print(f"torch: {1 / t_step:.3f} steps/s  {n_tok / t_step:,.0f} tokens/s  (steps {', '.join(f'{t:.2f}' for t in t_times)} s; "
           f"attention={torch_attention})")
+    print(f"per step, jax: {j_os.describe(args.steps)}; torch: {t_os.describe(args.steps)}")
     peak = bench_common.peak_flops(jax.devices()[0].device_kind, args.dtype)
     if peak:
         flops = train_flops(config, args.group_size, args.max_length)

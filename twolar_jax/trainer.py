@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from twolar_jax import losses, partitioning, ranking_metrics, scoring
+from twolar_jax import compiler_options, losses, partitioning, ranking_metrics, scoring
 from twolar_jax.errors import OptionError, TwolarError
 from twolar_jax.model.config import T5Config
 from twolar_jax.model.network import T5
@@ -275,13 +275,14 @@ class PartitionedStep:
     """A jitted step that runs with the mesh and the logical-axis rules in scope.
 
     The rules must be active while tracing so the model's logical constraints turn into sharding
-    constraints; calls after the first reuse the compiled executable.
+    constraints; calls after the first reuse the compiled executable. It compiles with the XLA options
+    of the mesh's platform (`compiler_options.for_mesh`: the memory-optimised scheduler on CPU).
     """
 
     def __init__(self, fn: Callable, mesh, rules, *, in_shardings, out_shardings, donate_argnums=()):
         self.mesh, self.rules = mesh, rules
         self.jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                              donate_argnums=donate_argnums)
+                              donate_argnums=donate_argnums, compiler_options=compiler_options.for_mesh(mesh))
 
     def __call__(self, *args):
         with partitioning.activation_context(self.mesh, self.rules):

@@ -305,6 +305,19 @@ class Attention(nn.Module):
         return _constrain(out, ("batch", "length", "embed"))
 
 
+def gated_gelu(gate: Array, linear: Array) -> Array:
+    """gelu_tanh(gate) * linear: the hidden activation of T5 v1.1 / Flan-T5's feed-forward block."""
+    return jax.nn.gelu(gate, approximate=True) * linear
+
+
+# gated_gelu recomputed from its two inputs in the backward pass. Differentiated as written, the tanh
+# approximation leaves four more [tokens, d_ff] intermediates (tanh, 1 - tanh^2, two products) for the
+# backward pass to read: 0.6 GiB of the 4.6 GiB of temporaries in flan-t5-small's 30 x 512-token train
+# step on CPU. Recomputing them is elementwise work XLA fuses into the gradient; only the two projections
+# stay saved. A layer under remat recomputes everything anyway, so it uses the plain function.
+gated_gelu_rematerialised = jax.checkpoint(gated_gelu)
+
+
 class MlpBlock(nn.Module):
     """ReLU (T5 v1.0) or gated-GELU with the tanh approximation (T5 v1.1 / Flan-T5)."""
 
@@ -319,8 +332,8 @@ class MlpBlock(nn.Module):
         if c.is_gated:
             wi_0 = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi_0")()
             wi_1 = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi_1")()
-            hidden = jax.nn.gelu(_dense(x, wi_0.astype(dtype), flat=flat), approximate=True) * _dense(
-                x, wi_1.astype(dtype), flat=flat)
+            activation = gated_gelu if c.remat else gated_gelu_rematerialised
+            hidden = activation(_dense(x, wi_0.astype(dtype), flat=flat), _dense(x, wi_1.astype(dtype), flat=flat))
         else:
             wi = _Projection((c.d_model, c.d_ff), ("embed", "mlp"), c.d_model ** -0.5, name="wi")()
             hidden = jax.nn.relu(_dense(x, wi.astype(dtype), flat=flat))
