@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,31 @@ def strip_probe(argv: Sequence[str]) -> list[str]:
         elif not arg.startswith(PROBE_FLAG + "="):
             out.append(arg)
     return out
+
+
+class OsCost:
+    """CPU seconds (user, system) and minor page faults of the process while inside `with` blocks.
+
+    On CPU both sides allocate each step's activations afresh; the kernel zeroes every new page on first
+    touch, so page faults and system time are part of the step's cost (and vary with the host)."""
+
+    def __init__(self) -> None:
+        self.user = self.system = 0.0
+        self.faults = 0
+
+    def __enter__(self) -> "OsCost":
+        self._start = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        self.user += end.ru_utime - self._start.ru_utime
+        self.system += end.ru_stime - self._start.ru_stime
+        self.faults += end.ru_minflt - self._start.ru_minflt
+
+    def describe(self, steps: int) -> str:
+        return (f"user_s={self.user / steps:.1f} sys_s={self.system / steps:.1f} "
+                f"page_faults={self.faults / steps / 1e6:.2f}M")
 
 
 def load_average() -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -58,31 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.max_length = args.max_length or 512
     args.steps = args.steps or 5
     return args
-
-
-class OsCost:
-    """CPU seconds (user, system) and minor page faults of the process while inside `with` blocks.
-
-    On CPU both sides allocate each step's activations afresh; the kernel zeroes every new page on first
-    touch, so page faults and system time are part of the step's cost (and vary with the host)."""
-
-    def __init__(self) -> None:
-        self.user = self.system = 0.0
-        self.faults = 0
-
-    def __enter__(self) -> "OsCost":
-        self._start = resource.getrusage(resource.RUSAGE_SELF)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        end = resource.getrusage(resource.RUSAGE_SELF)
-        self.user += end.ru_utime - self._start.ru_utime
-        self.system += end.ru_stime - self._start.ru_stime
-        self.faults += end.ru_minflt - self._start.ru_minflt
-
-    def describe(self, steps: int) -> str:
-        return (f"user_s={self.user / steps:.1f} sys_s={self.system / steps:.1f} "
-                f"page_faults={self.faults / steps / 1e6:.2f}M")
 
 
 def make_batch(n: int, length: int, seed: int = 0):
@@ -238,7 +212,7 @@ def run(args, argv, cache_dir: str) -> None:
     jax_ready()
     torch_sync()
     j_times, t_times = [], []
-    j_os, t_os = OsCost(), OsCost()
+    j_os, t_os = bench_common.OsCost(), bench_common.OsCost()
     for _ in range(args.steps):  # the two sides take turns, so a shared CPU slows both alike
         with j_os:
             t0 = time.perf_counter()

@@ -4,7 +4,7 @@ XLA:CPU's default scheduler orders independent ops for concurrency and keeps mor
 once: the flan-t5-small step (1 x 30 x 512 tokens) needs 7.24 GiB of temporaries under it and 4.60 GiB
 under the memory-optimised scheduler. On CPU that memory is not pooled: each execution maps a fresh temp
 buffer and the kernel zeroes every page as the step first touches it, so bytes of temp are seconds of
-system time (about 1.9M page faults and 7-25 s of sys time per step on a 2-core VM, against 1.3M and
+system time (about 1.9M page faults and 7-30 s of sys time per step on a 2-core VM, against 1.3M and
 2-7 s), while the two cores leave little concurrency to win. Other backends keep their defaults: TPU and
 GPU allocate from a pooled device heap and schedule for overlap on purpose.
 """
