@@ -131,6 +131,16 @@ class OsCost:
                 f"page_faults={self.faults / steps / 1e6:.2f}M")
 
 
+def attention_path(config, dtype: str) -> str:
+    """The attention path this backend compiles, with the kernel a dot_product path runs (long sequences)."""
+    from twolar_jax.model import network
+
+    path = network.resolve_attention(config)
+    if path != "dot_product":
+        return path
+    return f"{path} ({network.dot_product_implementation(dtype, 512, 512, config.d_kv)} kernel)"
+
+
 def load_average() -> str:
     """`uptime`'s 1/5/15-minute load, printed with every figure: the CPU may be shared."""
     return "/".join(f"{x:.2f}" for x in os.getloadavg())

@@ -69,6 +69,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--per_query", action="store_true",
                     help="score each query's candidates as one group (score_groups, as Reranker.rank scores one "
                          "query; torch batches within each query) instead of all pairs as one list")
+    ap.add_argument("--attention", default="auto", choices=["auto", "rows", "einsum", "dot_product"],
+                    help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
+    ap.add_argument("--scan_layers", action="store_true",
+                    help="T5Config.scan_layers: layers under nn.scan (one compile per shape in seconds for big presets)")
+    ap.add_argument("--length_buckets", default=None,
+                    help="comma-separated Reranker length buckets (default: its own, 16 of them up to 512); fewer "
+                         "buckets compile fewer shapes, at the cost of more padding")
     ap.add_argument("--skip_torch", action="store_true")
     ap.add_argument("--skip_warm_compile", action="store_true", help="do not start the warm-cache subprocess")
     ap.add_argument(bench_common.PROBE_FLAG, default=None, metavar="CACHE_DIR", dest="compile_probe",
@@ -87,9 +94,11 @@ def build_reranker(args):
     from twolar_jax.reranker import Reranker
 
     queries, docs, source = load_dl19_texts(args.pairs)
-    config = preset(args.preset)
+    config = preset(args.preset, attention=args.attention, scan_layers=args.scan_layers)
     params = init_params(config, 0)
-    rr = Reranker.from_params(config, params, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    buckets = tuple(int(b) for b in args.length_buckets.split(",")) if args.length_buckets else None
+    rr = Reranker.from_params(config, params, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length,
+                              length_buckets=buckets)
     return rr, config, params, queries, docs, source
 
 
@@ -169,7 +178,8 @@ def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:
     print(f"data: {len(docs)} DL19 pairs from {source}"
           + (f", {len(query_runs(queries))} queries scored one by one" if args.per_query else ", one list"))
     print(f"model: {args.preset} random weights, dtype={args.dtype}, device={device.device_kind} x{jax.device_count()}, "
-          f"xla threads={len(os.sched_getaffinity(0))}")
+          f"xla threads={len(os.sched_getaffinity(0))}, attention={bench_common.attention_path(config, args.dtype)}, "
+          f"scan_layers={config.scan_layers}, batch_size={args.batch_size}, jax={jax.__version__}")
 
     encoded = rr.encode_pairs(queries, docs)
     clock = bench_common.CompileClock()

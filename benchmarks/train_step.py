@@ -180,7 +180,6 @@ def run(args, argv, cache_dir: str) -> None:
     import torch
 
     from twolar_jax.hf_conversion import save_hf_checkpoint
-    from twolar_jax.model import network
 
     print(f"load before: {bench_common.load_average()}")
     config, params, batch, tokens = build(args)
@@ -190,7 +189,7 @@ def run(args, argv, cache_dir: str) -> None:
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"preset={args.preset} dtype={args.dtype} batch=1x{args.group_size}x{args.max_length} "
-          f"attention={network.resolve_attention(config)} scan_layers={config.scan_layers} "
+          f"attention={bench_common.attention_path(config, args.dtype)} scan_layers={config.scan_layers} "
           f"jax={jax.__version__} backend={backend} ({jax.devices()[0].device_kind}) torch={torch.__version__} "
           f"device={device} threads: torch={torch.get_num_threads() if device.type == 'cpu' else '-'} "
           f"xla={len(os.sched_getaffinity(0))}")

@@ -141,3 +141,54 @@ def test_attention_paths_legacy_attention_loop_in_model_config():
     assert T5Config.from_dict({**values, "attention_loop": "batched"}).attention == "einsum"
     assert T5Config.from_dict({**values, "attention_loop": "rows"}).attention == "rows"
     assert T5Config.from_dict(CONFIG.replace(attention="dot_product").to_dict()).attention == "dot_product"
+
+
+def test_attention_paths_dot_product_kernel_per_backend_and_dtype():
+    """cuDNN's fused kernel where it exists (NVIDIA GPU, bf16/fp16, head size a multiple of 8 up to 128,
+    even lengths, more than one query position); jax's XLA path everywhere else."""
+    kernel = network.dot_product_implementation
+    assert kernel(jnp.bfloat16, 512, 512, 64, "gpu") == "cudnn"
+    assert kernel(jnp.float16, 384, 512, 128, "cuda") == "cudnn"
+    assert kernel(jnp.float32, 512, 512, 64, "gpu") == "xla"  # no fp32 flash kernel
+    assert kernel(jnp.bfloat16, 512, 512, 64, "cpu") == "xla"
+    assert kernel(jnp.bfloat16, 512, 512, 64, "tpu") == "xla"
+    assert kernel(jnp.bfloat16, 512, 512, 12, "gpu") == "xla"  # head size not a multiple of 8
+    assert kernel(jnp.bfloat16, 512, 512, 256, "gpu") == "xla"  # head size over 128
+    assert kernel(jnp.bfloat16, 1, 512, 64, "gpu") == "xla"  # the one-position decoder step
+    assert kernel(jnp.bfloat16, 7, 512, 64, "gpu") == "xla"  # odd lengths: no bias gradient in cuDNN
+    assert kernel(jnp.bfloat16, 512, 7, 64, "gpu") == "xla"
+    assert kernel(jnp.bfloat16, 512, 512, 64) == kernel(jnp.bfloat16, 512, 512, 64, jax.default_backend())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs an NVIDIA GPU")
+def test_attention_paths_cudnn_kernel_matches_einsum_in_bf16_on_gpu():
+    """On a GPU in bf16 the dot_product path runs cuDNN's flash kernel (bias in bf16, fp32 softmax inside);
+    it must agree with the einsum path to bf16 rounding, forward and gradient. A fully padded row (a
+    masked passage, never scored) attends unmasked there: finite, and left out of the comparison."""
+    config = CONFIG.replace(d_model=128, d_kv=64, num_heads=2, d_ff=256, dtype="bfloat16")
+    params = network.init_params(config, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(1)
+    tokens = np.zeros((4, 96), np.int32)
+    for row, real in enumerate([96, 50, 7, 0]):
+        tokens[row, :real] = rng.integers(2, config.vocab_size, real)
+
+    def first_step(kind):
+        model = T5(config.replace(attention=kind))
+
+        def loss(p):
+            logits = model.apply({"params": p}, tokens, method=T5.first_step_logits)
+            return jnp.sum(logits[:3, :3].astype(jnp.float32) * jnp.arange(3.0)), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        text = jax.jit(lambda p: model.apply({"params": p}, tokens, method=T5.encode)).lower(params).as_text()
+        return np.asarray(logits, np.float32), jax.tree.map(lambda g: np.asarray(g, np.float32), grads), text
+
+    fused_logits, fused_grads, fused_text = first_step("dot_product")
+    ref_logits, ref_grads, _ = first_step("einsum")
+    assert "cudnn" in fused_text.lower()  # the fused kernel was used, not the XLA fallback
+    assert np.isfinite(fused_logits).all()
+    scale = np.abs(ref_logits[:3]).max()
+    np.testing.assert_allclose(fused_logits[:3], ref_logits[:3], atol=3e-2 * scale)
+    for fused, ref in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(ref_grads)):
+        assert np.isfinite(fused).all()
+        np.testing.assert_allclose(fused, ref, atol=5e-2 * max(np.abs(ref).max(), 1e-6))

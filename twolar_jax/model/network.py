@@ -197,16 +197,43 @@ def _attend_rows(q: Array, key: Array, value: Array, bias: Array | None, key_pad
     return jax.lax.map(jax.checkpoint(row), (q, key, value, padding, keys))
 
 
+def dot_product_implementation(dtype: Any, q_len: int, kv_len: int, d_kv: int, backend: str | None = None) -> str:
+    """The kernel `jax.nn.dot_product_attention` is asked for: "cudnn" (the fused flash kernel) or "xla".
+
+    cuDNN's fused attention takes bf16/fp16 inputs with a head size that is a multiple of 8 up to 128,
+    on NVIDIA GPUs, and (to differentiate through a bias) even query and key lengths; everything else
+    (fp32, CPU, TPU, odd lengths, the one-position decoder step, whose logits are a single row anyway)
+    takes jax's XLA path. Pure given `backend`, so tests and tools can report it."""
+    backend = (backend or jax.default_backend()).lower()
+    fused = (backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+             and d_kv % 8 == 0 and d_kv <= 128 and q_len > 1 and q_len % 2 == 0 and kv_len % 2 == 0)
+    return "cudnn" if fused else "xla"
+
+
 def _attend_dot_product(q: Array, key: Array, value: Array, bias: Array | None,
                         key_padding: Array | None) -> Array:
-    """jax.nn.dot_product_attention with T5's relative-position bias and padding as one additive fp32 bias.
+    """jax.nn.dot_product_attention with T5's relative-position bias and padding as one additive bias.
 
-    scale=1.0 because T5 has no 1/sqrt(d) scaling; implementation=None lets jax choose the kernel (in
-    jax 0.10 that is always its XLA path, which computes logits and softmax in fp32 like `_attend`)."""
+    scale=1.0 because T5 has no 1/sqrt(d) scaling. The XLA path keeps the bias, logits and softmax in
+    fp32 like `_attend`; the cuDNN kernel (`dot_product_implementation`) takes the bias in the inputs'
+    dtype and accumulates logits and softmax in fp32 inside the kernel. Rows of padding alone differ
+    between the two (uniform weights here, unmasked there); their scores are never used."""
     total = bias
     if key_padding is not None:
         total = key_padding if total is None else total + key_padding
-    return jax.nn.dot_product_attention(q, key, value, bias=total, scale=1.0, implementation=None)
+    implementation = dot_product_implementation(q.dtype, q.shape[1], key.shape[1], q.shape[-1])
+    if implementation == "cudnn" and total is not None:  # cuDNN takes a [B|1, H|1, q, k] bias in q's dtype
+        total = jnp.broadcast_to(total, total.shape[:2] + (q.shape[1], key.shape[1]))
+        if key_padding is not None:
+            # A sequence of padding alone (a masked passage) would have every logit near MASK_VALUE: the
+            # kernel's backward recomputes the weights from an fp32 log-sum-exp that cannot hold
+            # log(keys) beside 1e10, so its gradient would be `keys` times too large. Such sequences
+            # attend unmasked instead: finite, with exact gradients, and never scored.
+            all_padding = jnp.all(key_padding < MASK_VALUE / 2, axis=-1, keepdims=True)
+            unmasked = jnp.zeros((), total.dtype) if bias is None else bias
+            total = jnp.where(all_padding, unmasked, total)
+        total = total.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, key, value, bias=total, scale=1.0, implementation=implementation)
 
 
 def absorb_kv_projection(q_len: int, kv_len: int, d_model: int, d_kv: int) -> bool:
