@@ -131,6 +131,16 @@ class OsCost:
                 f"page_faults={self.faults / steps / 1e6:.2f}M")
 
 
+def add_model_flags(parser) -> None:
+    """--attention and --scan_layers, the T5Config fields both model benchmarks let a run override."""
+    from twolar_jax.model.config import ATTENTION_KINDS
+
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_KINDS,
+                        help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
+    parser.add_argument("--scan_layers", action="store_true",
+                        help="T5Config.scan_layers: layers under nn.scan (big presets compile in seconds)")
+
+
 def attention_path(config, dtype: str) -> str:
     """The attention path this backend compiles, with the kernel a dot_product path runs (long sequences)."""
     from twolar_jax.model import network

@@ -57,6 +57,14 @@ def encoder_flops_per_pair(config, length: int) -> float:
     return 2 * (length * enc_layer * config.num_encoder_layers + dec_layer * config.num_decoder_layers)
 
 
+def length_buckets(text: str) -> tuple[int, ...]:
+    """--length_buckets: comma-separated token counts, e.g. 128,256,384,512 (the Reranker checks the rest)."""
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 128,256,384,512") from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="flan-t5-small")
@@ -69,11 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--per_query", action="store_true",
                     help="score each query's candidates as one group (score_groups, as Reranker.rank scores one "
                          "query; torch batches within each query) instead of all pairs as one list")
-    ap.add_argument("--attention", default="auto", choices=["auto", "rows", "einsum", "dot_product"],
-                    help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
-    ap.add_argument("--scan_layers", action="store_true",
-                    help="T5Config.scan_layers: layers under nn.scan (one compile per shape in seconds for big presets)")
-    ap.add_argument("--length_buckets", default=None,
+    bench_common.add_model_flags(ap)
+    ap.add_argument("--length_buckets", default=None, type=length_buckets,
                     help="comma-separated Reranker length buckets (default: its own, 16 of them up to 512); fewer "
                          "buckets compile fewer shapes, at the cost of more padding")
     ap.add_argument("--skip_torch", action="store_true")
@@ -96,9 +101,8 @@ def build_reranker(args):
     queries, docs, source = load_dl19_texts(args.pairs)
     config = preset(args.preset, attention=args.attention, scan_layers=args.scan_layers)
     params = init_params(config, 0)
-    buckets = tuple(int(b) for b in args.length_buckets.split(",")) if args.length_buckets else None
     rr = Reranker.from_params(config, params, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length,
-                              length_buckets=buckets)
+                              length_buckets=args.length_buckets)
     return rr, config, params, queries, docs, source
 
 

@@ -39,9 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 5 with --quick)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="the tiny preset (same 30x512 batch): under a minute on CPU")
-    p.add_argument("--attention", default="auto", choices=["auto", "rows", "einsum", "dot_product"],
-                   help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
-    p.add_argument("--scan_layers", action="store_true", help="T5Config.scan_layers: layers under nn.scan")
+    bench_common.add_model_flags(p)
     p.add_argument("--skip_warm_compile", action="store_true", help="do not start the warm-cache subprocess")
     p.add_argument(bench_common.PROBE_FLAG, default=None, metavar="CACHE_DIR", dest="compile_probe",
                    help=argparse.SUPPRESS)  # internal: only compile the step, against CACHE_DIR
