@@ -139,6 +139,20 @@ def add_model_flags(parser) -> None:
                         help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
     parser.add_argument("--scan_layers", action="store_true",
                         help="T5Config.scan_layers: layers under nn.scan (big presets compile in seconds)")
+    parser.add_argument("--host_heap", default="auto", choices=("auto", "keep", "release"),
+                        help="twolar_jax.host_heap for the whole process, both sides alike (auto, as the "
+                             "console entry points: kept on CPU; release: glibc's defaults)")
+
+
+def apply_host_heap(args) -> str:
+    """Set the process's host heap as `args.host_heap` says, before JAX starts; a phrase for the header."""
+    from twolar_jax import host_heap
+
+    mode = getattr(args, "host_heap", None)
+    if mode is None:
+        return "glibc default"
+    kept = host_heap.configure(mode)
+    return f"{'kept' if kept else 'glibc default'} ({mode})"
 
 
 def attention_path(config, dtype: str) -> str:
@@ -167,6 +181,7 @@ def run_main(argv: Sequence[str] | None, parse_args: Callable, run_probe: Callab
     a fresh, empty persistent compilation cache (so the run's first compile is the cold one)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.host_heap_state = apply_host_heap(args)  # both sides share the process and so its allocator
     if args.compile_probe:
         return run_probe(args)
     with tempfile.TemporaryDirectory(prefix="twolar_bench_cache_") as cache_dir:

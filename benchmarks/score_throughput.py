@@ -183,7 +183,8 @@ def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:
           + (f", {len(query_runs(queries))} queries scored one by one" if args.per_query else ", one list"))
     print(f"model: {args.preset} random weights, dtype={args.dtype}, device={device.device_kind} x{jax.device_count()}, "
           f"xla threads={len(os.sched_getaffinity(0))}, attention={bench_common.attention_path(config, args.dtype)}, "
-          f"scan_layers={config.scan_layers}, batch_size={args.batch_size}, jax={jax.__version__}")
+          f"scan_layers={config.scan_layers}, batch_size={args.batch_size}, jax={jax.__version__}, "
+          f"host heap: {args.host_heap_state}")
 
     encoded = rr.encode_pairs(queries, docs)
     clock = bench_common.CompileClock()

@@ -190,7 +190,7 @@ def run(args, argv, cache_dir: str) -> None:
           f"attention={bench_common.attention_path(config, args.dtype)} scan_layers={config.scan_layers} "
           f"jax={jax.__version__} backend={backend} ({jax.devices()[0].device_kind}) torch={torch.__version__} "
           f"device={device} threads: torch={torch.get_num_threads() if device.type == 'cpu' else '-'} "
-          f"xla={len(os.sched_getaffinity(0))}")
+          f"xla={len(os.sched_getaffinity(0))} host heap: {args.host_heap_state}")
 
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_checkpoint(Path(tmp) / "hf", config.replace(dtype="float32"), params)

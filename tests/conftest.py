@@ -7,6 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# glibc as it is in the test process and the CLIs it starts: a kept heap (twolar_jax.host_heap, "auto" on
+# CPU) would hold each process's peak memory for the whole session; tests/test_host_heap.py covers it.
+os.environ.setdefault("TWOLAR_HOST_HEAP", "release")
 # The persistent compilation cache (on by default in the Reranker and the CLIs) goes to one folder per test
 # session, shared with the subprocesses the tests start, never to the user's ~/.cache.
 os.environ.setdefault("TWOLAR_COMPILE_CACHE", os.path.join(__import__("tempfile").gettempdir(),

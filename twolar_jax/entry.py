@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from twolar_jax import host_heap
 from twolar_jax.errors import TwolarError
 from twolar_jax.secrets import redact
 
@@ -107,14 +108,21 @@ def add_common_flags(parser: argparse.ArgumentParser, *, log_level: str = "INFO"
     if compile_cache:
         parser.add_argument("--no_compile_cache", action="store_true",
                             help="do not use the persistent JAX compilation cache (also TWOLAR_COMPILE_CACHE=off)")
+        parser.add_argument("--host_heap", default=None, choices=host_heap.MODES,
+                            help="keep freed host memory for reuse (keep), or glibc's default (release); auto "
+                                 f"(default, or ${host_heap.ENV}) keeps it when JAX runs on the CPU, where "
+                                 "each step's temporaries would otherwise be page-faulted in afresh")
     return parser
 
 
 def start(flags: argparse.Namespace) -> None:
-    """Logging at --log_level and, unless turned off, the persistent compilation cache."""
+    """Logging at --log_level, the host heap (before JAX starts) and, unless turned off, the persistent
+    compilation cache."""
     from twolar_jax.logging_setup import setup_logging
 
     setup_logging(flags.log_level)
+    if hasattr(flags, "host_heap"):
+        host_heap.configure(flags.host_heap)
     if hasattr(flags, "no_compile_cache") and not flags.no_compile_cache:
         from twolar_jax.compile_cache import enable_compilation_cache
 
