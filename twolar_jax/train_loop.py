@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 import jax
 import numpy as np
 
-from twolar_jax import checkpointing, partitioning, summaries, trainer
+from twolar_jax import checkpointing, host_heap, partitioning, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.errors import check_choice
 from twolar_jax.train_setup import RunSetup, StartState
@@ -136,10 +136,13 @@ def validate(setup: RunSetup, eval_step: Callable, params: Any, validation: Vali
         batch = trainer.select_features(host_batch)
         trainer.validate_batch(batch, where=f"validation batch {i}")
         key = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
-        if key not in compiled:
+        fresh = key not in compiled
+        if fresh:
             compiled[key] = trainer.partition_eval_step(eval_step, setup.mesh, setup.rules,
                                                         setup.shardings.params, batch)
         metrics = jax.device_get(compiled[key](params, partitioning.shard_batch(batch, setup.mesh, setup.rules)))
+        if fresh:
+            host_heap.trim()  # a new shape compiled: its garbage back to the system, when the heap is kept
         n = float(metrics["num_queries"])
         for k, v in metrics.items():
             if k != "num_queries":
