@@ -132,14 +132,16 @@ class OsCost:
 
 
 def add_model_flags(parser) -> None:
-    """--attention and --scan_layers, the T5Config fields both model benchmarks let a run override."""
+    """--attention and --scan_layers, the T5Config fields both model benchmarks let a run override, and
+    --host_heap, the process's allocator."""
+    from twolar_jax import host_heap
     from twolar_jax.model.config import ATTENTION_KINDS
 
     parser.add_argument("--attention", default="auto", choices=ATTENTION_KINDS,
                         help="T5Config.attention (auto: rows on CPU, dot_product on GPU, einsum on TPU)")
     parser.add_argument("--scan_layers", action="store_true",
                         help="T5Config.scan_layers: layers under nn.scan (big presets compile in seconds)")
-    parser.add_argument("--host_heap", default="auto", choices=("auto", "keep", "release"),
+    parser.add_argument("--host_heap", default="auto", choices=host_heap.MODES,
                         help="twolar_jax.host_heap for the whole process, both sides alike (auto, as the "
                              "console entry points: kept on CPU; release: glibc's defaults)")
 

@@ -14,7 +14,7 @@ import pytest
 from twolar_jax import host_heap
 
 REPO = Path(__file__).resolve().parent.parent
-GLIBC = host_heap._glibc_mallopt() is not None
+GLIBC = host_heap._glibc() is not None
 
 
 @pytest.mark.parametrize("mode, platforms, nodes, expected", [

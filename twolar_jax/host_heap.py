@@ -20,7 +20,7 @@ keep the arena of their first allocation. glibc only (Linux); elsewhere nothing 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import glob
 import logging
 import os
@@ -65,15 +65,17 @@ def should_keep(mode: str, jax_platforms: Optional[str], accelerator_nodes: Iter
     return mode == "keep"
 
 
-def _glibc_mallopt():
-    """glibc's `mallopt`, or None on another C library or OS."""
+@functools.cache
+def _glibc():
+    """glibc (its soname is fixed on Linux), or None on another C library or OS."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return mallopt
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim.restype = ctypes.c_int
+    return libc
 
 
 def keep_freed_memory() -> bool:
@@ -82,11 +84,11 @@ def keep_freed_memory() -> bool:
     There is no way back within the process: setting M_TRIM_THRESHOLD also ends glibc's sliding mmap
     threshold, so "its defaults" could not be restored by setting them again."""
     global _kept
-    mallopt = _glibc_mallopt()
-    if mallopt is None:
+    libc = _glibc()
+    if libc is None:
         return False
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
-    _kept = all(mallopt(param, value) == 1 for param, value in settings)
+    _kept = all(libc.mallopt(param, value) == 1 for param, value in settings)
     return _kept
 
 
@@ -96,10 +98,7 @@ def trim() -> bool:
 
     Why: the compile's freed memory can leave holes the step's multi-GiB temp buffer does not fit, and the
     heap then grows past the step's peak (seen: 10.2 GB instead of 6.2 GB for flan-t5-small)."""
-    if not _kept:
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.malloc_trim(0))
+    return _kept and bool(_glibc().malloc_trim(0))
 
 
 def _backend_started() -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from twolar_jax import checkpointing, entry, gin_utils, host_heap, partitioning, summaries, trainer
+from twolar_jax import checkpointing, entry, gin_utils, partitioning, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.errors import OptionError, check_choice
 from twolar_jax.model.config import T5Config
@@ -102,7 +102,6 @@ def train(
             validator(start_step, start.state.params)
 
         def on_first_step(step: int) -> None:
-            host_heap.trim()  # the compiler's freed memory back to the system, when the heap is kept
             if logging_config.write_gin_config and is_chief:
                 _write_gin_config(model_dir, writer, step)
 

@@ -237,6 +237,7 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
             consumed, step = consumed + 1, step + 1
             window.add(step, metrics, host_batch)
             if step == first_step + 1:
+                host_heap.trim()  # the compiler's freed memory back to the system, when the heap is kept
                 on_first_step(step)
             if step % max(1, logging_config.period) == 0 or step == total_steps:
                 last_train = window.flush(writer)
