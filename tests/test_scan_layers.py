@@ -7,6 +7,7 @@ import jax
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec
 from tests.test_sharding_golden import golden_path
 from tests.train_helpers import synthetic_batch
 from twolar_jax import checkpointing, optimizers, partitioning, train_state, trainer
+from twolar_jax.errors import CheckpointError
 from twolar_jax.generation import generate
 from twolar_jax.hf_conversion import load_hf_checkpoint, params_to_hf, save_hf_checkpoint
 from twolar_jax.model import network
@@ -235,6 +237,106 @@ def test_scan_adamw_step_equals_unrolled_step(params, stacked):
     for key, decayed in _flat(mask(stacked)).items():
         assert decayed == unrolled[key.replace("/layers/", "/layers_0/")], key
     assert mask(stacked)["encoder"]["layers"]["pre_mlp_layer_norm"]["scale"] is False
+
+
+# Wide enough (d_model and d_ff >= 128) for Adafactor to factor the MLP and embedding moments.
+WIDE = CONFIG.replace(d_model=128, d_ff=160, num_heads=2, d_kv=16)
+
+
+def _train_both_forms(opt, schedule, steps: int):
+    """`steps` jitted train steps from the same init in the unrolled and the scanned form: (params, losses) each."""
+    batch = trainer.select_features(synthetic_batch(0, batch_size=2, group_size=3, max_length=12))
+    batch["encoder_input_tokens"] = batch["encoder_input_tokens"] % WIDE.vocab_size
+    spec = trainer.make_step_spec(loss="rank_net", enable_dropout=False,
+                                  score_tokens=ScoreTokens(true_id=5, false_id=6, extra_id=7))
+    unrolled = network.init_params(WIDE, jax.random.PRNGKey(3))
+    results = []
+    for config, p in ((WIDE, unrolled), (WIDE.replace(scan_layers=True), stack_layers(unrolled, WIDE))):
+        step = jax.jit(trainer.make_train_step(config, opt, schedule, spec))
+        state, losses = train_state.TrainState.create(p, opt), []
+        for _ in range(steps):
+            state, metrics = step(state, batch, jax.random.PRNGKey(0))
+            losses.append(float(metrics["loss"]))
+        results.append((jax.device_get(state.params), losses))
+    return unrolled, results
+
+
+@pytest.mark.parametrize("factored,mask", [(True, "matrices"), (False, "all")])
+def test_scan_adafactor_steps_equal_unrolled_steps(factored, mask):
+    """Adafactor scales, clips and factors per layer in the scanned form too (optimizers.layerwise)."""
+    opt, schedule = optimizers.make_optimizer(name="adafactor", learning_rate=1e-2, weight_decay=0.05,
+                                              weight_decay_mask=mask, adafactor_factored=factored)
+    start, ((want, want_losses), (got, got_losses)) = _train_both_forms(opt, schedule, steps=3)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-6)
+    got = _flat(unstack_layers(got, WIDE))
+    for key, value in _flat(want).items():
+        np.testing.assert_allclose(got[key], value, err_msg=key, **TOL)
+    assert not np.allclose(_flat(want)["encoder/layers_1/mlp/wi_0/kernel"],
+                           _flat(start)["encoder/layers_1/mlp/wi_0/kernel"]), "the steps changed nothing"
+
+
+def test_scan_adafactor_state_is_per_layer_and_sharded_like_its_parameter():
+    """A stacked leaf's factored moments are per layer ([layers, rows] and [layers, cols]) and keep the
+    parameter's logical axes; an unrolled model's state is plain optax.adafactor's (old checkpoints load)."""
+    opt, _ = optimizers.make_optimizer(name="adafactor", weight_decay=0.0)
+    config = WIDE.replace(scan_layers=True)
+    shapes = train_state.abstract_state(lambda r: network.init_params(config, r), opt, jax.random.PRNGKey(0))
+    axes = train_state.state_logical_axes(shapes, network.logical_axes(config))
+    flat_shapes = {partitioning.tree_path_str(path): leaf
+                   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.opt_state)[0]}
+    flat_axes = {partitioning.tree_path_str(path): spec for path, spec in jax.tree_util.tree_flatten_with_path(
+        axes.opt_state, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
+    by_field = {k.split("/")[-6]: k for k in flat_shapes if k.endswith("/encoder/layers/mlp/wi_0/kernel")}
+    layers, d, f = 3, WIDE.d_model, WIDE.d_ff
+    assert flat_shapes[by_field["v_row"]].shape == (layers, d)
+    assert flat_shapes[by_field["v_col"]].shape == (layers, f)
+    assert tuple(flat_axes[by_field["v_row"]]) == ("layers", "embed")
+    assert tuple(flat_axes[by_field["v_col"]]) == ("layers", "mlp")
+    plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adafactor(optimizers.make_schedule(learning_rate=1e-3),
+                                                                          decay_rate=0.8,
+                                                                          multiply_by_parameter_scale=True,
+                                                                          clipping_threshold=1.0))
+    unrolled = network.init_params(WIDE, jax.random.PRNGKey(0))
+    assert (jax.tree_util.tree_structure(opt.init(unrolled))
+            == jax.tree_util.tree_structure(plain.init(unrolled)))
+
+
+def test_scan_adafactor_state_round_trips_through_a_checkpoint(tmp_path):
+    """The per-layer state (multi_transform over the stacks) saves and restores leaf for leaf."""
+    opt, _ = optimizers.make_optimizer(name="adafactor", weight_decay=0.0)
+    config = WIDE.replace(scan_layers=True)
+    state = train_state.TrainState.create(network.init_params(config, jax.random.PRNGKey(0)), opt)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    manager = checkpointing.make_manager(tmp_path / "run", async_save=False)
+    checkpointing.save(manager, state, force=True)
+    manager.wait_until_finished()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, meta = checkpointing.restore(manager, abstract)
+    manager.close()
+    assert meta["step"] == 1
+    want = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+    got = jax.tree_util.tree_leaves(restored.opt_state)
+    assert len(got) == len(want)
+    for (path, value), restored_value in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(restored_value), np.asarray(value),
+                                      err_msg=partitioning.tree_path_str(path))
+
+
+def test_scan_resume_with_another_optimizer_state_is_a_checkpoint_error(tmp_path):
+    """A MODEL_DIR saved with AdamW does not restore into an Adafactor run: one clear error naming the step."""
+    params = network.init_params(SCANNED, jax.random.PRNGKey(0))
+    adamw, _ = optimizers.make_optimizer()
+    adafactor, _ = optimizers.make_optimizer(name="adafactor", weight_decay=0.0)
+    manager = checkpointing.make_manager(tmp_path / "run", async_save=False)
+    checkpointing.save(manager, train_state.TrainState.create(params, adamw), force=True)
+    manager.wait_until_finished()
+    target = train_state.TrainState.create(params, adafactor)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    with pytest.raises(CheckpointError, match=r"checkpoints/0: its parameter or optimizer-state tree differs"):
+        checkpointing.restore(manager, abstract)
+    manager.close()
 
 
 def test_scan_model_dir_restores_scanned_and_exports_like_unrolled(params, stacked, tmp_path):

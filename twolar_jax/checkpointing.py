@@ -130,14 +130,23 @@ def restore(
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    except ValueError as e:
+        if "tree structures do not match" not in str(e):
+            raise
+        raise CheckpointError(
+            f"{Path(manager.directory) / str(step)}: its parameter or optimizer-state tree differs from this "
+            "run's: resume with the optimizer and T5Config.scan_layers the run was started with (a scanned "
+            "Adafactor state written before per-layer Adafactor differs too), or start a new MODEL_DIR with "
+            f"INIT_CHECKPOINT set to this run's exported params. orbax: {str(e).splitlines()[0]}") from None
     meta = dict(restored.meta)
     step_sharding = getattr(abstract_state.step, "sharding", None)
     state_step = jax.device_put(np.asarray(step, np.int32), step_sharding)

@@ -59,21 +59,71 @@ def make_schedule(
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def _is_matrix(path: tuple, param: Any) -> bool:
-    """At least 2-D per layer: under a scanned stack (`<stack>/layers`, T5Config.scan_layers) every leaf
-    carries one extra leading axis, which must not turn a layer-norm scale into a "matrix"."""
+def _stack_of(path: tuple) -> str | None:
+    """The scanned stack (`<stack>/layers`, T5Config.scan_layers) a leaf lives under, whose leaves carry one
+    extra leading axis, the layers; None for any other leaf."""
     from twolar_jax.model.scan import SCANNED_NAME
 
-    stacked = any(getattr(key, "key", None) == SCANNED_NAME for key in path)
-    return param.ndim - int(stacked) >= 2
+    names = [str(getattr(key, "key", key)) for key in path]
+    return "_".join(names[:names.index(SCANNED_NAME) + 1]) if SCANNED_NAME in names else None
 
 
-def _decay_mask(kind: str) -> Callable[[Any], Any] | None:
+def _is_stacked(path: tuple) -> bool:
+    return _stack_of(path) is not None
+
+
+def _is_matrix(path: tuple, param: Any) -> bool:
+    """At least 2-D per layer: a stacked leaf's layer axis must not turn a layer-norm scale into a "matrix"."""
+    return param.ndim - int(_is_stacked(path)) >= 2
+
+
+def _decay_mask(kind: str, *, per_layer: bool = False) -> Callable[[Any], Any] | None:
+    """Which leaves weight decay touches. per_layer: the optimizer sees one layer at a time (`layerwise`),
+    so a leaf's own rank decides and no layer axis is discounted."""
     if kind == "all":
         return None  # TWOLAR (torch AdamW over model.parameters()) decays every parameter
     if kind == "matrices":
+        if per_layer:
+            return lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
         return lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
     raise OptionError(f"weight_decay_mask={kind!r}: expected one of {DECAY_MASKS}")
+
+
+def _has_stacked(tree: Any) -> bool:
+    return any(_is_stacked(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+UNSTACKED = "unstacked"  # `layerwise`'s label for leaves outside scanned stacks (these are "encoder_layers", ...)
+
+
+def layerwise(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with every layer of a scanned stack treated as its own parameter, as in the unrolled model.
+
+    Adafactor reads whole leaves: its parameter scaling and update clipping take a leaf's RMS and its
+    factored moments average over a leaf's rows and columns. On a stacked [layers, ...] leaf all layers
+    would share one scale and one clip (t5x's Adafactor treats its scanned axis as a batch dimension for
+    this reason). Here `inner` runs under jax.vmap over the layer axis of stacked leaves and as it is on
+    the rest, so a scanned run takes the same steps as an unrolled one. A tree with no stacked leaf gets
+    `inner` itself: the optimizer state of unrolled runs is unchanged."""
+    per_layer = optax.GradientTransformation(
+        jax.vmap(inner.init),
+        lambda updates, state, params=None: jax.vmap(inner.update)(updates, state, params))
+
+    def split(tree: Any) -> optax.GradientTransformation:
+        """`inner` on unstacked leaves, `per_layer` on each stack's (stacks differ in depth)."""
+        labels = jax.tree_util.tree_map_with_path(lambda path, _: _stack_of(path) or UNSTACKED, tree)
+        stacks = sorted(set(jax.tree_util.tree_leaves(labels)) - {UNSTACKED})
+        return optax.multi_transform({UNSTACKED: inner, **{stack: per_layer for stack in stacks}}, labels)
+
+    def init(params: Any) -> Any:
+        return split(params).init(params) if _has_stacked(params) else inner.init(params)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if not _has_stacked(updates):
+            return inner.update(updates, state, params)
+        return split(updates).update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(
@@ -105,15 +155,15 @@ def make_optimizer(
     if name == "adamw":
         inner = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask(weight_decay_mask))
     else:
-        inner = optax.adafactor(
+        inner = layerwise(optax.adafactor(
             lr,
             decay_rate=adafactor_decay_rate,
             multiply_by_parameter_scale=True,
             clipping_threshold=1.0,
             factored=adafactor_factored,
             weight_decay_rate=weight_decay or None,
-            weight_decay_mask=_decay_mask(weight_decay_mask),
-        )
+            weight_decay_mask=_decay_mask(weight_decay_mask, per_layer=True),
+        ))
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     return optax.chain(*parts, inner), lr
 
