@@ -37,6 +37,54 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     return next((v for (k, dt), v in PEAK_FLOPS.items() if k in kind and dt == dtype), None)
 
 
+GEMM_SHAPE = (8192, 512, 1024)  # [m, k] @ [k, n]: a flan-t5-small MLP projection over 8192 tokens
+
+
+def gemm_ceiling(dtype: str, *, with_torch: bool = True, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of one GEMM_SHAPE matmul alone (best of `repeats`): XLA's (jax.jit) and, with_torch, torch's.
+
+    On a CPU a model step is mostly matmuls, so each library's rate on a plain GEMM is the ceiling its
+    step can reach: the benchmarks print it beside the model FLOP/s they achieve, so a ratio between the two
+    sides reads as "library against library" or "everything around the GEMMs"."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    m, k, n = GEMM_SHAPE
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32) * 0.02
+    jdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    ja, jb = jnp.asarray(a, jdt), jnp.asarray(b, jdt)
+    matmul = jax.jit(jnp.matmul)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 2 * m * k * n / min(times) / 1e9
+
+    rates = {"xla": best(lambda: matmul(ja, jb).block_until_ready())}
+    if with_torch:
+        import torch
+
+        tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)
+        with torch.inference_mode():
+            rates["torch"] = best(lambda: torch.matmul(ta, tb))
+    return rates
+
+
+def describe_ceiling(rates: dict[str, float], achieved: dict[str, float]) -> str:
+    """One line: each side's model GFLOP/s against its library's GEMM alone."""
+    m, k, n = GEMM_SHAPE
+    sides = [f"{side} {achieved[side]:.0f} of {rates[lib]:.0f} ({achieved[side] / rates[lib]:.0%})"
+             for side, lib in (("ours", "xla"), ("torch", "torch")) if side in achieved and lib in rates]
+    return f"model GFLOP/s against the GEMM alone ([{m},{k}]@[{k},{n}], XLA's for ours): " + ", ".join(sides)
+
+
 class CompileClock:
     """Sums jax's trace/lower/compile durations since construction: `seconds`, and `parts` per stage."""
 

@@ -6,7 +6,8 @@ batch padded to its longest pair, full forward, one decoder step. Ours goes thro
 (tokenization included, its batch planner and length buckets as they are); `--per_query` scores each
 query's candidates as its own group, as `Reranker.rank` does (torch batches within each query). The two
 sides take turns, `--rounds` passes each over all pairs, so a CPU shared with other jobs slows both
-alike; the ratio is total torch time over total ours time. Prints pairs/s for each, MFU where the device's peak is known,
+alike; the ratio is total torch time over total ours time. Prints pairs/s for each, MFU where the device's
+peak is known (on a CPU each side's model GFLOP/s against its library's rate on one GEMM alone),
 `compile_s=` for the first pass in this fresh process against an empty persistent compilation cache
 (cache=cold) and in a fresh subprocess against the filled one (cache=warm), and last
 `ratio_vs_torch=<ours pairs/s / torch pairs/s>`.
@@ -207,9 +208,9 @@ def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:
     ours_pps = len(docs) * len(ours_times) / sum(ours_times)
     print(f"ours:  {ours_pps:9.1f} pairs/s  (passes {', '.join(f'{t:.2f}' for t in ours_times)} s)")
     peak = bench_common.peak_flops(device.device_kind, args.dtype)
+    flops_per_pair = sum(encoder_flops_per_pair(config, len(ids)) for ids in encoded) / len(docs)  # unpadded
     if peak:
-        flops = sum(encoder_flops_per_pair(config, len(ids)) for ids in encoded)
-        print(f"ours MFU: {100 * flops * ours_pps / len(docs) / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({args.dtype})")
+        print(f"ours MFU: {100 * flops_per_pair * ours_pps / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({args.dtype})")
     print(f"compile_s={compile_cold:.2f} cache=cold ({clock.describe()})")
     if not args.skip_warm_compile:
         warm, parts = bench_common.warm_compile_seconds(__file__, bench_common.strip_probe(argv), cache_dir)
@@ -219,6 +220,11 @@ def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:
         return
     torch_pps = len(docs) * len(torch_times) / sum(torch_times)
     print(f"torch: {torch_pps:9.1f} pairs/s  (passes {', '.join(f'{t:.2f}' for t in torch_times)} s, {torch_desc})")
+    if not peak and device.platform == "cpu":  # each side against its own GEMM library's rate on this host
+        rates = bench_common.gemm_ceiling(args.dtype)
+        print(bench_common.describe_ceiling(rates, {"ours": flops_per_pair * ours_pps / 1e9,
+                                                    "torch": flops_per_pair * torch_pps / 1e9})
+              + " (unpadded tokens: padding counts as lost work)")
     print(f"max |ours - torch| score difference: {np.abs(ours_scores - torch_scores).max():.2e}")
     print(f"ratio_vs_torch={ours_pps / torch_pps:.2f}")
 

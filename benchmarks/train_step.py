@@ -11,7 +11,7 @@ torch.optim.AdamW, loaded from our random weights written with twolar_jax.hf_con
 The two sides take turns step by step (after a warm-up), so a CPU shared with other jobs slows both
 alike. Prints steps/s and tokens/s for both, each side's CPU seconds (user, system) and page faults per
 step, the first step's loss from both (they must agree), MFU where the device's peak is known
-(H100/H200/A100), `compile_s=` of the first step in this fresh process against an empty persistent
+(H100/H200/A100) and on a CPU each side's model GFLOP/s against its library's rate on one GEMM alone, `compile_s=` of the first step in this fresh process against an empty persistent
 compilation cache (cache=cold) and in a fresh subprocess that compiles the same step against the filled
 one (cache=warm), and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
 """
@@ -230,10 +230,13 @@ def run(args, argv, cache_dir: str) -> None:
           f"attention={torch_attention})")
     print(f"per step, jax: {j_os.describe(args.steps)}; torch: {t_os.describe(args.steps)}")
     peak = bench_common.peak_flops(jax.devices()[0].device_kind, args.dtype)
+    flops = train_flops(config, args.group_size, args.max_length)
     if peak:
-        flops = train_flops(config, args.group_size, args.max_length)
         print(f"MFU: jax={flops / j_step / peak:.1%} torch={flops / t_step / peak:.1%} "
               f"({flops / 1e12:.2f} TFLOP/step, peak {peak / 1e12:.0f} TFLOP/s {args.dtype})")
+    elif backend == "cpu":  # no table peak: each side against its own GEMM library's rate on this host
+        rates = bench_common.gemm_ceiling(args.dtype)
+        print(bench_common.describe_ceiling(rates, {"ours": flops / j_step / 1e9, "torch": flops / t_step / 1e9}))
     print(f"compile_s={compile_cold:.2f} cache=cold ({clock.describe()})")
     if not args.skip_warm_compile:
         warm, parts = bench_common.warm_compile_seconds(__file__, bench_common.strip_probe(argv), cache_dir)
