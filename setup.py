@@ -43,6 +43,7 @@ CORE = [
     "absl-py>=2.0",
     "numpy>=1.26,<3",
     "safetensors>=0.4",
+    "huggingface_hub>=1.0",  # twolar_jax.hub: Reranker.from_pretrained("owner/name")
     "sentencepiece>=0.2",
     "tqdm>=4.66",
     "tensorboardX>=2.6",

@@ -58,13 +58,8 @@ def gemm_ceiling(dtype: str, *, with_torch: bool = True, repeats: int = 5) -> di
     matmul = jax.jit(jnp.matmul)
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 2 * m * k * n / min(times) / 1e9
+        fn()  # compile / warm up
+        return 2 * m * k * n / min(timed(fn) for _ in range(repeats)) / 1e9
 
     rates = {"xla": best(lambda: matmul(ja, jb).block_until_ready())}
     if with_torch:

@@ -11,9 +11,10 @@ torch.optim.AdamW, loaded from our random weights written with twolar_jax.hf_con
 The two sides take turns step by step (after a warm-up), so a CPU shared with other jobs slows both
 alike. Prints steps/s and tokens/s for both, each side's CPU seconds (user, system) and page faults per
 step, the first step's loss from both (they must agree), MFU where the device's peak is known
-(H100/H200/A100) and on a CPU each side's model GFLOP/s against its library's rate on one GEMM alone, `compile_s=` of the first step in this fresh process against an empty persistent
-compilation cache (cache=cold) and in a fresh subprocess that compiles the same step against the filled
-one (cache=warm), and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
+(H100/H200/A100) and on a CPU each side's model GFLOP/s against its library's rate on one GEMM alone,
+`compile_s=` of the first step in this fresh process against an empty persistent compilation cache
+(cache=cold) and in a fresh subprocess that compiles the same step against the filled one (cache=warm),
+and last `ratio_vs_torch=<ours steps/s / torch steps/s>`.
 """
 from __future__ import annotations
 

@@ -89,10 +89,6 @@ def _decay_mask(kind: str, *, per_layer: bool = False) -> Callable[[Any], Any] |
     raise OptionError(f"weight_decay_mask={kind!r}: expected one of {DECAY_MASKS}")
 
 
-def _has_stacked(tree: Any) -> bool:
-    return any(_is_stacked(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
-
-
 UNSTACKED = "unstacked"  # `layerwise`'s label for leaves outside scanned stacks (these are "encoder_layers", ...)
 
 
@@ -110,17 +106,18 @@ def layerwise(inner: optax.GradientTransformation) -> optax.GradientTransformati
         lambda updates, state, params=None: jax.vmap(inner.update)(updates, state, params))
 
     def split(tree: Any) -> optax.GradientTransformation:
-        """`inner` on unstacked leaves, `per_layer` on each stack's (stacks differ in depth)."""
+        """`inner` on unstacked leaves, `per_layer` on each stack's (stacks differ in depth); `inner` alone
+        for a tree without stacks."""
         labels = jax.tree_util.tree_map_with_path(lambda path, _: _stack_of(path) or UNSTACKED, tree)
         stacks = sorted(set(jax.tree_util.tree_leaves(labels)) - {UNSTACKED})
+        if not stacks:
+            return inner
         return optax.multi_transform({UNSTACKED: inner, **{stack: per_layer for stack in stacks}}, labels)
 
     def init(params: Any) -> Any:
-        return split(params).init(params) if _has_stacked(params) else inner.init(params)
+        return split(params).init(params)
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        if not _has_stacked(updates):
-            return inner.update(updates, state, params)
         return split(updates).update(updates, state, params)
 
     return optax.GradientTransformation(init, update)
