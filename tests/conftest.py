@@ -11,9 +11,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # CPU) would hold each process's peak memory for the whole session; tests/test_host_heap.py covers it.
 os.environ.setdefault("TWOLAR_HOST_HEAP", "release")
 # The persistent compilation cache (on by default in the Reranker and the CLIs) goes to one folder per test
-# session, shared with the subprocesses the tests start, never to the user's ~/.cache.
-os.environ.setdefault("TWOLAR_COMPILE_CACHE", os.path.join(__import__("tempfile").gettempdir(),
-                                                           f"twolar-test-compile-cache-{os.getpid()}"))
+# process, shared with the subprocesses its tests start, never to the user's ~/.cache, and removed at exit.
+# Each pytest-xdist worker gets its own (it inherits the controller's environment): jax writes cache entries
+# in place without a lock unless eviction is on, so two workers compiling the same program could read a
+# half-written entry. A folder the user names in TWOLAR_COMPILE_CACHE is used as it is and kept.
+if "TWOLAR_COMPILE_CACHE" not in os.environ or os.environ.get("TWOLAR_TEST_OWNS_COMPILE_CACHE") == "1":
+    import atexit
+    import shutil
+    import tempfile
+
+    _session_cache = os.path.join(tempfile.gettempdir(), f"twolar-test-compile-cache-{os.getpid()}")
+    os.environ["TWOLAR_COMPILE_CACHE"] = _session_cache
+    os.environ["TWOLAR_TEST_OWNS_COMPILE_CACHE"] = "1"
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 
