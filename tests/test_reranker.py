@@ -79,6 +79,23 @@ def test_fixed_shapes_compile_once_per_bucket(params):
     assert [rr._rows_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
 
 
+def test_kept_heap_is_trimmed_once_per_newly_compiled_shape(params, monkeypatch):
+    """The compiler's garbage goes back after the first batch of each new shape, not after every batch."""
+    from twolar_jax import host_heap
+
+    calls = []
+    monkeypatch.setattr(host_heap, "trim", lambda: calls.append(1) or True)
+    rr = Reranker.from_params(CONFIG, params, batch_size=4, max_length=128, length_buckets=(64, 128),
+                              devices=jax.devices()[:1])
+    short, long = "a short passage", "a much longer passage " * 12
+    rr.score_pairs(["q"] * 8, [short] * 4 + [long] * 4)  # shapes (4, 64) and (4, 128)
+    assert len(calls) == 2
+    rr.score_pairs(["another query"] * 8, [long] * 4 + [short] * 4)  # the same two shapes again
+    assert len(calls) == 2
+    rr.score_pairs(["q"], [short])  # a partial batch: (1, 64) is new
+    assert len(calls) == 3
+
+
 def test_devices_and_batch_sizes_agree(params):
     assert len(jax.devices()) == 8, "conftest sets 8 simulated CPU devices"
     one = Reranker.from_params(CONFIG, params, batch_size=3, max_length=128, devices=jax.devices()[:1])

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from twolar_jax import partitioning, scoring_runtime
+from twolar_jax import host_heap, partitioning, scoring_runtime
 from twolar_jax.errors import CheckpointError, OptionError, TwolarError, check_choice
 from twolar_jax.model.config import T5Config
 from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens
@@ -138,6 +138,7 @@ class Reranker:
         self.batch_size = scoring_runtime.round_batch_size(batch_size, self.parallelism)
         self._batch_sharding = NamedSharding(self.mesh, partitioning.batch_spec(2, self.rules))
         self.params = scoring_runtime.place_params(params, self.config, self.mesh, self.rules)
+        self._dispatched_shapes: set[tuple[int, ...]] = set()
 
     # --- construction ----------------------------------------------------------------------------
     @classmethod
@@ -237,8 +238,15 @@ class Reranker:
     def _dispatch(self, tokens: np.ndarray) -> jax.Array:
         batch = jax.device_put(tokens, self._batch_sharding)
         with partitioning.activation_context(self.mesh, self.rules):
-            return score_batch(self.params, batch, config=self.config, head=self.score_head,
-                                vocab_ids=self.vocab_ids, rules=self.rules)
+            scores = score_batch(self.params, batch, config=self.config, head=self.score_head,
+                                 vocab_ids=self.vocab_ids, rules=self.rules)
+        if tokens.shape not in self._dispatched_shapes:
+            # A new shape has just compiled: on a kept host heap (the CLIs on CPU) the compiler's freed memory
+            # goes back to the system, else a run over many length buckets keeps every compile's garbage
+            # (flan-t5-small, 24 shapes: 1.83 GB resident without this, 1.38 GB with it). A no-op otherwise.
+            self._dispatched_shapes.add(tokens.shape)
+            host_heap.trim()
+        return scores
 
     def _stream(self, items: Iterable, *, show_progress: bool) -> Iterator[np.ndarray]:
         bar = None
