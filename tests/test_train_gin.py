@@ -114,3 +114,14 @@ def test_train_gin_twolar_recipe_defaults():
 def test_train_gin_unknown_binding_is_an_error():
     with pytest.raises(ValueError, match="No configurable matching 'trian'"):
         _parse("runs/distill_train.gin", bindings=["trian.total_steps = 3"])
+
+
+def test_train_gin_each_parse_starts_from_a_clear_config():
+    """A second run in one process (train, then eval in a notebook) neither fails on the first run's
+    finalized config nor inherits its bindings."""
+    recipe = "experiments/twolar_flan_t5_large_rank_net.gin"
+    _parse(recipe, bindings=["MODEL_DIR = '/tmp/first'", "DISTILL_JSONL = 'x'", "OptimizerConfig.clip_norm = 0.5"])
+    assert gin.config_is_locked() and gin.query_parameter("OptimizerConfig.clip_norm") == 0.5
+    _parse(recipe, bindings=["MODEL_DIR = '/tmp/second'", "DISTILL_JSONL = 'x'"])
+    assert gin.query_parameter("%MODEL_DIR") == "/tmp/second"
+    assert gin.query_parameter("OptimizerConfig.clip_norm") == 1.0  # the recipe's, not the first run's

@@ -110,11 +110,17 @@ def resolve_gin_file(name: str, extra_search_paths: Sequence[str] = ()) -> str:
 
 def parse_gin_flags(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
                     extra_search_paths: Sequence[str] = (), *, skip_unknown: bool = False) -> None:
-    """Parse gin files and bindings; includes resolve against the search paths (module docstring)."""
+    """Parse gin files and bindings into a cleared config; includes resolve against the search paths
+    (module docstring).
+
+    Each run is its own config: an earlier run in the same process (a notebook that trains, then
+    evaluates) left its bindings behind and its config finalized, which would leak into this one or make
+    the parse fail with gin's "Attempted to modify locked Gin config". Registrations are kept."""
     if not gin_files and not gin_bindings:
         raise OptionError("no --gin_file given: every run is a gin file (see the shipped gin/ folder: "
                           f"{resources.gin_dir()})")
     files = [resolve_gin_file(f, extra_search_paths) for f in gin_files]
+    gin.clear_config()
     for path in search_paths(extra_search_paths):
         if path not in _ADDED_SEARCH_PATHS:
             gin.add_config_file_search_path(path)
