@@ -21,8 +21,6 @@ import inspect
 import sys
 from typing import Any, Iterator, Optional, Sequence
 
-import gin
-
 from twolar_jax import gin_utils, partitioning, trainer
 from twolar_jax.errors import OptionError
 from twolar_jax.model.config import T5Config
@@ -87,11 +85,10 @@ def _without_package(package: str) -> Iterator[None]:
 
 def parse_job_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
                   search_paths: Sequence[str] = ()) -> None:
-    """Clear gin and parse the job's files and bindings without the data side (module docstring)."""
+    """Parse the job's files and bindings into a cleared gin config, without the data side (module docstring)."""
     from twolar_jax import train as train_module
 
     train_module.register_configurables()
-    gin.clear_config()
     with _without_package(DATA_PACKAGE):
         gin_utils.parse_gin_flags(gin_files, list(PLACEHOLDERS) + list(gin_bindings), search_paths,
                                   skip_unknown=list(DATA_CONFIGURABLES))
