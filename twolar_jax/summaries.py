@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,7 +57,7 @@ class SummaryWriter:
         clean = {k: _to_float(v) for k, v in values.items()}
         if self._tb is not None:
             for name, value in clean.items():
-                self._tb.add_scalar(f"{self.split}/{name}", value, step)
+                self._tb.add_scalar(tensorboard_tag(self.split, name), value, step)
         self._jsonl.write(json.dumps({"step": int(step), **clean}, sort_keys=True) + "\n")
         self._jsonl.flush()
         os.fsync(self._jsonl.fileno())
@@ -76,6 +77,16 @@ class SummaryWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+# The characters a TensorBoard tag may hold (tensorboardX replaces the others, logging each time it does).
+_TAG_ILLEGAL = re.compile(r"[^-/\w.]")
+
+
+def tensorboard_tag(split: str, name: str) -> str:
+    """`split/name` with characters TensorBoard does not allow as `_` ("ndcg@10" -> "ndcg_10"): the tag
+    tensorboardX would write anyway, without its log line for every scalar of every step."""
+    return _TAG_ILLEGAL.sub("_", f"{split}/{name}").lstrip("/")
 
 
 def _to_float(value: Any) -> float:
