@@ -5,7 +5,8 @@ What a pod slice exercises and one process never does: each host reads its own d
 batch is assembled across processes (`partitioning.shard_batch`); under fsdp every parameter and optimizer
 state is split over devices of both processes, so the checkpoint is written by two processes together and
 a resume restores each one's shards and its data position; only process 0 writes metrics and TensorBoard.
-The reference (tests/multihost_reference_worker.py) trains in one process on the two shards' batches joined
+Validation steps through each host's shard of a set whose shards differ in size. The reference
+(tests/multihost_reference_worker.py) trains in one process on the two shards' batches joined
 in host order, so both must take the same steps, up to the order of fp32 reductions.
 """
 from __future__ import annotations
@@ -63,27 +64,31 @@ def _run_hosts(*args: str) -> list[str]:
     return outputs
 
 
-def _records(model_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (model_dir / "metrics" / "train.jsonl").read_text().splitlines()]
+def _records(model_dir: Path, split: str = "train") -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "metrics" / f"{split}.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_multihost_fsdp_train_and_resume_equal_one_process(tmp_path):
+def test_multihost_fsdp_train_validate_and_resume_equal_one_process(tmp_path):
     from data_pipeline.distill_format import write_distill_jsonl
     from tests.test_train_learns_scifact import build_standin_set
 
-    jsonl = tmp_path / "distill.jsonl"
-    write_distill_jsonl(jsonl, build_standin_set(num_queries=40))
-    data = f"--gin.DISTILL_JSONL='{jsonl}'"
+    # 9 validation queries: host 0's shard is 5 (a batch of 4, then 1), host 1's is 4 (one batch, then none).
+    records = build_standin_set(num_queries=49)
+    train_jsonl, val_jsonl = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    write_distill_jsonl(train_jsonl, records[9:])
+    write_distill_jsonl(val_jsonl, records[:9])
+    data = (f"--gin.DISTILL_JSONL='{train_jsonl}'", f"--gin.VALIDATION_JSONL='{val_jsonl}'",
+            "--gin.train.validation=@ValidationConfig()", "--gin.ValidationConfig.period=2")
     pod, ref = tmp_path / "pod", tmp_path / "ref"
 
-    _run_hosts(*GIN, data, f"--gin.MODEL_DIR='{pod}'", "--gin.TRAIN_STEPS=4")
-    resumed = _run_hosts(*GIN, data, f"--gin.MODEL_DIR='{pod}'", "--gin.TRAIN_STEPS=6")
+    _run_hosts(*GIN, *data, f"--gin.MODEL_DIR='{pod}'", "--gin.TRAIN_STEPS=4")
+    resumed = _run_hosts(*GIN, *data, f"--gin.MODEL_DIR='{pod}'", "--gin.TRAIN_STEPS=6")
     for i, err in enumerate(resumed):
         assert "resumed from step 4" in err and "4 batches consumed" in err, f"host {i}:\n{err[-2500:]}"
 
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "multihost_reference_worker.py"), str(HOSTS), *GIN,
-                           data, f"--gin.MODEL_DIR='{ref}'", "--gin.TRAIN_STEPS=6"], cwd=REPO,
+                           *data, f"--gin.MODEL_DIR='{ref}'", "--gin.TRAIN_STEPS=6"], cwd=REPO,
                           env=_env(HOSTS * DEVICES_PER_HOST), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -96,6 +101,16 @@ def test_multihost_fsdp_train_and_resume_equal_one_process(tmp_path):
     for a, b in zip(pod_records, ref_records):
         for key in ("loss", "grad_norm", "kendall_tau", "param_norm"):
             np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
+
+    # Validation reads each host's shard in lockstep (twolar_jax/lockstep_batches.py); before that, host 0's
+    # batch of 1 failed to be placed and host 1 waited at the next collective until the shutdown barrier
+    # timed out. The reference validates the 9 queries in one process, as batches of 8 and 1.
+    pod_val, ref_val = _records(pod, "validation"), _records(ref, "validation")
+    assert [r["step"] for r in pod_val] == [2, 4, 6] == [r["step"] for r in ref_val]
+    for a, b in zip(pod_val, ref_val):
+        assert a["num_queries"] == b["num_queries"] == 9.0
+        for key in ("loss", "kendall_tau", "pairwise_agreement", "ndcg@10"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=f"validation {a['step']} {key}")
 
     # The checkpoint both processes wrote restores in one process, equal to the reference's parameters. Adam
     # divides by the gradient's running RMS, so where a gradient is near zero (embedding rows of rare tokens)

@@ -7,6 +7,7 @@ is checked on the host before anything is traced (a data bug is a message, not a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
@@ -16,6 +17,7 @@ import numpy as np
 
 from twolar_jax import checkpointing, host_heap, partitioning, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
+from twolar_jax.lockstep_batches import lockstep_batches
 from twolar_jax.errors import check_choice
 from twolar_jax.train_setup import RunSetup, StartState
 from twolar_jax.train_state import TrainState
@@ -126,15 +128,18 @@ class MetricsWindow:
 
 def validate(setup: RunSetup, eval_step: Callable, params: Any, validation: ValidationConfig,
              compiled: dict) -> dict[str, float]:
-    """Query-weighted means of the eval metrics over (up to max_batches of) the validation data."""
+    """Query-weighted means of the eval metrics over (up to max_batches of) the validation data.
+
+    Every host steps through its shard's batches in lockstep with the others, each batch padded to one
+    shape the batch sharding divides (`lockstep_batches`: a short last batch, or shards of different sizes)."""
     totals: dict[str, float] = {}
     weight = 0.0
     source = validation.batches(shard_index=jax.process_index(), num_shards=jax.process_count(), skip_batches=0)
-    for i, host_batch in enumerate(source):
-        if validation.max_batches is not None and i >= validation.max_batches:
-            break
-        batch = trainer.select_features(host_batch)
-        trainer.validate_batch(batch, where=f"validation batch {i}")
+    if validation.max_batches is not None:
+        source = itertools.islice(source, validation.max_batches)
+    batches = lockstep_batches(source, parallelism=partitioning.batch_parallelism(setup.mesh, setup.rules),
+                               process_count=jax.process_count())
+    for batch in batches:
         key = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
         fresh = key not in compiled
         if fresh:
@@ -144,6 +149,8 @@ def validate(setup: RunSetup, eval_step: Callable, params: Any, validation: Vali
         if fresh:
             host_heap.trim()  # a new shape compiled: its garbage back to the system, when the heap is kept
         n = float(metrics["num_queries"])
+        if n == 0:  # no query with a pair (padding alone): its means are undefined and weigh nothing
+            continue
         for k, v in metrics.items():
             if k != "num_queries":
                 totals[k] = totals.get(k, 0.0) + float(v) * n
