@@ -4,7 +4,8 @@ CPU devices each (jax.distributed on localhost, gloo collectives), against one p
 What a pod slice exercises and one process never does: each host reads its own data shard and the global
 batch is assembled across processes (`partitioning.shard_batch`); under fsdp every parameter and optimizer
 state is split over devices of both processes, so the checkpoint is written by two processes together and
-a resume restores each one's shards and its data position; only process 0 writes metrics and TensorBoard.
+a resume restores each one's shards and its data position; only process 0 writes metrics and TensorBoard;
+the HF export after training restores on every process and is written by process 0.
 Validation steps through each host's shard of a set whose shards differ in size. The reference
 (tests/multihost_reference_worker.py) trains in one process on the two shards' batches joined
 in host order, so both must take the same steps, up to the order of fp32 reductions.
@@ -83,7 +84,8 @@ def test_multihost_fsdp_train_validate_and_resume_equal_one_process(tmp_path):
     pod, ref = tmp_path / "pod", tmp_path / "ref"
 
     _run_hosts(*GIN, *data, f"--gin.MODEL_DIR='{pod}'", "--gin.TRAIN_STEPS=4")
-    resumed = _run_hosts(*GIN, *data, f"--gin.MODEL_DIR='{pod}'", "--gin.TRAIN_STEPS=6")
+    resumed = _run_hosts(*GIN, *data, f"--gin.MODEL_DIR='{pod}'", "--gin.TRAIN_STEPS=6",
+                         f"--export_hf={tmp_path / 'hf'}")
     for i, err in enumerate(resumed):
         assert "resumed from step 4" in err and "4 batches consumed" in err, f"host {i}:\n{err[-2500:]}"
 
@@ -129,3 +131,13 @@ def test_multihost_fsdp_train_validate_and_resume_equal_one_process(tmp_path):
     for path, leaf in flat_pod:
         np.testing.assert_allclose(np.asarray(leaf), np.asarray(flat_ref[path]), rtol=0, atol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))
+
+    # --export_hf on every host: the restore is collective, process 0 writes the directory (before, process 0
+    # waited in the restore for the others, which had left, until the shutdown barrier timed out).
+    from twolar_jax.hf_conversion import load_hf_checkpoint
+
+    _, hf_params = load_hf_checkpoint(tmp_path / "hf")
+    flat_hf = dict(jax.tree_util.tree_flatten_with_path(hf_params)[0])
+    assert len(flat_hf) == len(flat_pod)
+    for path, leaf in flat_pod:
+        np.testing.assert_array_equal(np.asarray(flat_hf[path]), np.asarray(leaf), err_msg=jax.tree_util.keystr(path))

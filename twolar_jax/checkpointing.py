@@ -187,8 +187,18 @@ def load_inference_params(model_dir: str | os.PathLike, step: int | None = None)
 def export_hf(
     model_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None, *, dtype: str = "float32"
 ) -> Path:
-    """Write a checkpoint as an HF T5 directory (config.json + model.safetensors + spiece.model)."""
+    """Write a checkpoint as an HF T5 directory (config.json + model.safetensors + spiece.model).
+
+    In a multi-process run (a pod) every process must call it: orbax restores collectively. Process 0
+    writes the directory and the others wait until it has, so none leaves before the export is done."""
     from twolar_jax.hf_conversion import save_hf_checkpoint
 
     config, params = load_inference_params(model_dir, step)
-    return save_hf_checkpoint(out_dir, config, jax.device_get(params), dtype=dtype)
+    out = Path(out_dir)
+    if jax.process_index() == 0:
+        out = save_hf_checkpoint(out_dir, config, jax.device_get(params), dtype=dtype)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"twolar export_hf {out}")
+    return out

@@ -116,9 +116,10 @@ def train(
         manager.close()
         for w in writers:
             w.close()
-    if export_hf_dir and is_chief:
+    if export_hf_dir:  # every process: the restore is collective on a pod (process 0 writes)
         out = checkpointing.export_hf(model_dir, export_hf_dir)
-        log.info("exported step %d to %s", result.step, out)
+        if is_chief:
+            log.info("exported step %d to %s", result.step, out)
     return TrainResult(step=result.step, model_dir=str(model_dir), train_metrics=result.last_train,
                        eval_metrics=validator.last, batches_consumed=result.batches_consumed,
                        stopped_early=result.stopped_early, batches_without_pairs=result.batches_without_pairs)
