@@ -26,6 +26,24 @@ def test_scorer_adapter_groups_consecutive_queries():
     assert scorer.calls == [("a", 2), ("bb", 1), ("a", 1)]
 
 
+def test_demo_train_stage_stopped_by_a_signal_is_not_done(tmp_path, capsys):
+    """A Ctrl-C or SIGTERM during the demo's training stops the demo there (the trainer saved the step it
+    reached): the stage is not marked done, so the next run resumes it rather than evaluating a half-trained
+    student."""
+    from twolar_jax.demo import DemoPaths, stage_train
+    from twolar_jax.train import TrainResult
+
+    stopped = TrainResult(step=7, model_dir=str(tmp_path), train_metrics={}, eval_metrics=None, batches_consumed=7,
+                          stopped_by="SIGINT")
+    with pytest.raises(SystemExit) as exited:
+        stage_train(DemoPaths(tmp_path), {"train": lambda: stopped})
+    assert exited.value.code == 130
+    assert "train: stopped at step 7 by SIGINT" in capsys.readouterr().err
+    done = TrainResult(step=9, model_dir=str(tmp_path), train_metrics={"loss": 0.5}, eval_metrics=None,
+                       batches_consumed=9)
+    assert stage_train(DemoPaths(tmp_path), {"train": lambda: done}) == {"step": 9, "train_metrics": {"loss": 0.5}}
+
+
 @pytest.mark.slow
 @pytest.mark.bm25
 def test_demo_quick_end_to_end_and_resume(tmp_path, installed_wheel):

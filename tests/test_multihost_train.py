@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +42,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_hosts(*args: str) -> list[str]:
-    """Every host's process of one multi-host run; returns their stderr. A host that fails or hangs fails the
-    test with every host's last lines (the others would wait on it at the next collective)."""
+def _start_hosts(*args: str) -> list[subprocess.Popen]:
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "twolar_jax.train", *args, "--multiprocess",
+    return [subprocess.Popen([sys.executable, "-m", "twolar_jax.train", *args, "--multiprocess",
                                f"--coordinator_address=localhost:{port}", f"--process_count={HOSTS}",
                                f"--process_index={i}"], cwd=REPO, env=_env(DEVICES_PER_HOST),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(HOSTS)]
+
+
+def _wait_hosts(procs: list[subprocess.Popen], returncode: int = 0) -> list[str]:
+    """The hosts' stderr once all have exited with `returncode`. A host that fails or hangs fails the test
+    with every host's last lines (the others would wait on it at the next collective)."""
     outputs, failed = [], False
     for proc in procs:
         try:
@@ -57,12 +62,17 @@ def _run_hosts(*args: str) -> list[str]:
                 p.kill()
             _, err = proc.communicate()
             failed = True
-        failed |= proc.returncode != 0
+        failed |= proc.returncode != returncode
         outputs.append(err)
     if failed:
         pytest.fail("\n".join(f"--- host {i} (rc {p.returncode}):\n{err[-2500:]}"
                               for i, (p, err) in enumerate(zip(procs, outputs))))
     return outputs
+
+
+def _run_hosts(*args: str) -> list[str]:
+    """Every host's process of one multi-host run, to a clean exit; returns their stderr."""
+    return _wait_hosts(_start_hosts(*args))
 
 
 def _records(model_dir: Path, split: str = "train") -> list[dict]:
@@ -141,3 +151,35 @@ def test_multihost_fsdp_train_validate_and_resume_equal_one_process(tmp_path):
     assert len(flat_hf) == len(flat_pod)
     for path, leaf in flat_pod:
         np.testing.assert_array_equal(np.asarray(flat_hf[path]), np.asarray(leaf), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_multihost_preemption_notice_on_one_host_saves_one_step_on_every_host(tmp_path):
+    """SIGTERM on one host (a TPU VM's preemption notice): JAX's preemption service tells every host, they
+    agree on a step (`reached_preemption_sync_point`), save it together and exit 143. Before, that service
+    swallowed the signal and training went on (27 more steps in 30 s here) until a SIGKILL lost them all."""
+    from data_pipeline.distill_format import write_distill_jsonl
+    from tests.test_train_learns_scifact import build_standin_set
+    from twolar_jax import checkpointing
+
+    jsonl = tmp_path / "distill.jsonl"
+    write_distill_jsonl(jsonl, build_standin_set(num_queries=40))
+    pod = tmp_path / "pod"
+    metrics = pod / "metrics" / "train.jsonl"
+    procs = _start_hosts(*GIN, f"--gin.DISTILL_JSONL='{jsonl}'", f"--gin.MODEL_DIR='{pod}'",
+                         "--gin.TRAIN_STEPS=100000", "--gin.CheckpointConfig.period=1000")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            pytest.fail("\n".join(p.communicate()[1][-2500:] for p in procs))
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = _wait_hosts(procs, returncode=128 + signal.SIGTERM)
+
+    steps = [r["step"] for r in _records(pod)]
+    assert steps == list(range(1, len(steps) + 1))
+    assert checkpointing.all_steps(pod) == [steps[-1]]
+    for i, err in enumerate(outputs):
+        assert f"stopped at step {steps[-1]} by SIGTERM" in err, f"host {i}:\n{err[-2500:]}"

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -99,6 +100,10 @@ def stage_build(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
 
 def stage_train(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     result = configured["train"]()
+    if result.stopped_by:  # SIGTERM / Ctrl-C: the stage is not done (no marker); a re-run resumes the training
+        print(f"[demo] train: stopped at step {result.step} by {result.stopped_by}, its checkpoint saved; run "
+              "the demo again to resume", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[result.stopped_by].value)
     return {"step": result.step, "train_metrics": result.train_metrics}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
@@ -25,6 +26,7 @@ from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.errors import OptionError, check_choice
 from twolar_jax.model.config import T5Config
 from twolar_jax.optimizers import OptimizerConfig
+from twolar_jax.stop_signals import StopRequest
 from twolar_jax.train_loop import BatchSource, LoggingConfig, LoopResult, ValidationConfig, Validator, run_loop
 from twolar_jax.train_setup import create_or_restore, prepare, resolve_model_config, seed_rngs
 
@@ -40,6 +42,7 @@ class TrainResult:
     batches_consumed: int
     stopped_early: bool = False  # the data ran out before total_steps
     batches_without_pairs: int = 0  # skipped (model unchanged) with groups_without_pairs='skip'
+    stopped_by: Optional[str] = None  # "SIGTERM" or "SIGINT": stopped at `step`, whose checkpoint was saved
 
 
 def train(
@@ -75,6 +78,8 @@ def train(
     groups_without_pairs: a batch in which no query has two real passages is an error ("error"), or is
     skipped, logged and counted ("skip"; the step then leaves the model and optimizer unchanged).
     Every option is checked here, before any file is written or any device memory is allocated.
+    SIGTERM or Ctrl-C (`stop_signals`; on a pod, JAX's preemption notice on any host) stops the run after
+    the step in progress, whose checkpoint is saved (`TrainResult.stopped_by`); nothing is exported then.
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
         raise OptionError(f"train.total_steps must be an integer >= 0, got {total_steps!r}")
@@ -91,38 +96,40 @@ def train(
         checkpointing.write_model_config(model_dir, config)
     manager = checkpointing.make_manager(model_dir, max_to_keep=checkpoints.keep, async_save=checkpoints.async_save)
     writers: list[summaries.SummaryWriter] = []
-    try:
-        start = create_or_restore(setup, manager, resume=checkpoints.resume, init_checkpoint=init_checkpoint,
-                                  seed=seed)
-        start_step = int(jax.device_get(start.state.step))  # the state is donated to the first step
-        writers = _open_writers(model_dir, logging_config, validation is not None, start.restored_step)
-        writer = writers[0]
-        validator = Validator(setup, validation, writers[1] if validation else None)
-        if validation is not None and validation.at_start and start_step < total_steps:
-            validator(start_step, start.state.params)
+    with StopRequest(jax.process_count()) as stop:  # SIGTERM / Ctrl-C: save the step reached, then stop
+        try:
+            start = create_or_restore(setup, manager, resume=checkpoints.resume, init_checkpoint=init_checkpoint,
+                                      seed=seed)
+            start_step = int(jax.device_get(start.state.step))  # the state is donated to the first step
+            writers = _open_writers(model_dir, logging_config, validation is not None, start.restored_step)
+            writer = writers[0]
+            validator = Validator(setup, validation, writers[1] if validation else None)
+            if validation is not None and validation.at_start and start_step < total_steps:
+                validator(start_step, start.state.params)
 
-        def on_first_step(step: int) -> None:
-            if logging_config.write_gin_config and is_chief:
-                _write_gin_config(model_dir, writer, step)
+            def on_first_step(step: int) -> None:
+                if logging_config.write_gin_config and is_chief:
+                    _write_gin_config(model_dir, writer, step)
 
-        result = run_loop(setup, start, train_batches=train_batches, total_steps=total_steps,
-                          dropout_rng=seed_rngs(seed)[1], manager=manager, checkpoints=checkpoints,
-                          logging_config=logging_config, writer=writer, validator=validator,
-                          on_first_step=on_first_step, groups_without_pairs=groups_without_pairs)
-        _finish(result, start_step, manager, validator, model_dir=model_dir, writer=writer,
-                write_gin_config=logging_config.write_gin_config and is_chief)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        for w in writers:
-            w.close()
-    if export_hf_dir:  # every process: the restore is collective on a pod (process 0 writes)
+            result = run_loop(setup, start, train_batches=train_batches, total_steps=total_steps,
+                              dropout_rng=seed_rngs(seed)[1], manager=manager, checkpoints=checkpoints,
+                              logging_config=logging_config, writer=writer, validator=validator,
+                              on_first_step=on_first_step, groups_without_pairs=groups_without_pairs, stop=stop)
+            _finish(result, start_step, manager, validator, model_dir=model_dir, writer=writer,
+                    write_gin_config=logging_config.write_gin_config and is_chief)
+        finally:
+            manager.wait_until_finished()  # also on a stop or an error: a started checkpoint is finished
+            manager.close()
+            for w in writers:
+                w.close()
+    if export_hf_dir and not result.stopped_by:  # every process: the restore is collective on a pod
         out = checkpointing.export_hf(model_dir, export_hf_dir)
         if is_chief:
             log.info("exported step %d to %s", result.step, out)
     return TrainResult(step=result.step, model_dir=str(model_dir), train_metrics=result.last_train,
                        eval_metrics=validator.last, batches_consumed=result.batches_consumed,
-                       stopped_early=result.stopped_early, batches_without_pairs=result.batches_without_pairs)
+                       stopped_early=result.stopped_early, batches_without_pairs=result.batches_without_pairs,
+                       stopped_by=result.stopped_by)
 
 
 def _open_writers(model_dir: str, logging_config: LoggingConfig, validation: bool,
@@ -135,12 +142,13 @@ def _open_writers(model_dir: str, logging_config: LoggingConfig, validation: boo
 
 def _finish(result: LoopResult, start_step: int, manager, validator: Validator, *, model_dir: str,
             writer: summaries.SummaryWriter, write_gin_config: bool) -> None:
-    """The last checkpoint (if the loop moved), the last validation (unless just done), the operative config."""
+    """The last checkpoint (if the loop moved), the last validation (unless just done, or the run was
+    stopped by a signal: a preempted host has seconds), the operative config."""
     if result.step > start_step and manager.latest_step() != result.step:
         checkpointing.save(manager, result.state, data_state={"batches_consumed": result.batches_consumed},
                            force=True)
         log.info("checkpoint for step %d started in %s", result.step, manager.directory)
-    if validator.validation is not None and validator.last_step != result.step:
+    if validator.validation is not None and validator.last_step != result.step and not result.stopped_by:
         validator(result.step, result.state.params)
     if write_gin_config:
         _write_gin_config(model_dir, writer, result.step)
@@ -251,6 +259,10 @@ def main(argv: Sequence[str]) -> int:
         return 0
     gin_utils.parse_gin_flags(files, bindings + _flag_bindings(flags), paths)
     result = train_fn(**({"export_hf_dir": flags.export_hf} if flags.export_hf else {}))
+    if result.stopped_by:  # 128 + the signal's number, as a shell reports a process the signal ended
+        print(f"stopped at step {result.step} by {result.stopped_by}: its checkpoint is saved in "
+              f"{result.model_dir}; run the same command again to resume", file=sys.stderr)
+        return 128 + signal.Signals[result.stopped_by].value
     print(f"done: step {result.step}, train {result.train_metrics}, eval {result.eval_metrics}")
     return 0
 

@@ -18,6 +18,7 @@ import numpy as np
 from twolar_jax import checkpointing, host_heap, partitioning, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.lockstep_batches import lockstep_batches
+from twolar_jax.stop_signals import StopRequest
 from twolar_jax.errors import check_choice
 from twolar_jax.train_setup import RunSetup, StartState
 from twolar_jax.train_state import TrainState
@@ -65,6 +66,7 @@ class LoopResult:
     last_eval: Optional[dict[str, float]]
     stopped_early: bool  # the data ran out before total_steps
     batches_without_pairs: int = 0  # batches skipped (model unchanged) with groups_without_pairs='skip'
+    stopped_by: Optional[str] = None  # the signal ("SIGTERM", "SIGINT") that stopped the run at `step`
 
 
 class ShapeGuard:
@@ -211,8 +213,9 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
              dropout_rng: jax.Array, manager, checkpoints: CheckpointConfig, logging_config: LoggingConfig,
              writer: summaries.SummaryWriter, validator: Validator,
              on_first_step: Callable[[int], None] = lambda step: None,
-             groups_without_pairs: str = "error") -> LoopResult:
-    """Steps from the start state to total_steps (or until the data runs out), checkpointing and validating."""
+             groups_without_pairs: str = "error", stop: Optional[StopRequest] = None) -> LoopResult:
+    """Steps from the start state to total_steps (or until the data runs out, or `stop` says so after a
+    step: the caller then saves that step), checkpointing and validating."""
     from tqdm.auto import tqdm
 
     pair_check = PairCheck(groups_without_pairs)
@@ -222,7 +225,7 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
     guard = ShapeGuard("train", num_microbatches=setup.spec.num_microbatches,
                        batch_parallelism=partitioning.batch_parallelism(setup.mesh, setup.rules))
     train_step = trainer.make_train_step(setup.config, setup.optimizer, setup.schedule, setup.spec)
-    step_fn, window, last_train, stopped_early = None, MetricsWindow(), {}, False
+    step_fn, window, last_train, stopped_early, stopped_by = None, MetricsWindow(), {}, False, None
     iterator = iter(train_batches(shard_index=jax.process_index(), num_shards=jax.process_count(),
                                   skip_batches=consumed)) if step < total_steps else iter(())
     bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True,
@@ -253,6 +256,10 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
             if checkpointing.save(manager, state, data_state={"batches_consumed": consumed},
                                   period=checkpoints.period):
                 log.info("checkpoint for step %d started in %s", step, manager.directory)
+            if stop is not None and stop.due(step):
+                stopped_by = stop.name
+                log.warning("stopping at step %d of %d (%s)", step, total_steps, stopped_by)
+                break
             if validator.due(step):
                 validator(step, state.params)
     finally:
@@ -262,4 +269,4 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
     if pair_check.skipped:
         log.warning("%d training batches had no query with two real passages and left the model unchanged",
                     pair_check.skipped)
-    return LoopResult(state, step, consumed, last_train, validator.last, stopped_early, pair_check.skipped)
+    return LoopResult(state, step, consumed, last_train, validator.last, stopped_early, pair_check.skipped, stopped_by)
