@@ -17,9 +17,9 @@ import numpy as np
 
 from twolar_jax import checkpointing, host_heap, partitioning, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
+from twolar_jax.errors import check_choice
 from twolar_jax.lockstep_batches import lockstep_batches
 from twolar_jax.stop_signals import StopRequest
-from twolar_jax.errors import check_choice
 from twolar_jax.train_setup import RunSetup, StartState
 from twolar_jax.train_state import TrainState
 
