@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from twolar_jax import entry, gin_utils
+from twolar_jax import entry, gin_utils, stop_signals
 from twolar_jax.errors import OptionError
 from twolar_jax.durable_io import atomic_writer, write_json_atomic, write_text_atomic
 
@@ -103,7 +102,7 @@ def stage_train(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     if result.stopped_by:  # SIGTERM / Ctrl-C: the stage is not done (no marker); a re-run resumes the training
         print(f"[demo] train: stopped at step {result.step} by {result.stopped_by}, its checkpoint saved; run "
               "the demo again to resume", file=sys.stderr)
-        raise SystemExit(128 + signal.Signals[result.stopped_by].value)
+        raise SystemExit(stop_signals.exit_code(result.stopped_by))
     return {"step": result.step, "train_metrics": result.train_metrics}
 
 

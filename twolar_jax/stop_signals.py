@@ -68,3 +68,8 @@ class StopRequest:
     @property
     def name(self) -> Optional[str]:
         return None if self.signal is None else signal.Signals(self.signal).name
+
+
+def exit_code(name: str) -> int:
+    """128 + the signal's number ("SIGTERM" -> 143), as a shell reports a process the signal ended."""
+    return 128 + signal.Signals[name].value

@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from twolar_jax import checkpointing, entry, gin_utils, partitioning, summaries, trainer
+from twolar_jax import checkpointing, entry, gin_utils, partitioning, stop_signals, summaries, trainer
 from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.errors import OptionError, check_choice
 from twolar_jax.model.config import T5Config
 from twolar_jax.optimizers import OptimizerConfig
-from twolar_jax.stop_signals import StopRequest
 from twolar_jax.train_loop import BatchSource, LoggingConfig, LoopResult, ValidationConfig, Validator, run_loop
 from twolar_jax.train_setup import create_or_restore, prepare, resolve_model_config, seed_rngs
 
@@ -96,7 +94,7 @@ def train(
         checkpointing.write_model_config(model_dir, config)
     manager = checkpointing.make_manager(model_dir, max_to_keep=checkpoints.keep, async_save=checkpoints.async_save)
     writers: list[summaries.SummaryWriter] = []
-    with StopRequest(jax.process_count()) as stop:  # SIGTERM / Ctrl-C: save the step reached, then stop
+    with stop_signals.StopRequest(jax.process_count()) as stop:  # SIGTERM, Ctrl-C: save the step, stop
         try:
             start = create_or_restore(setup, manager, resume=checkpoints.resume, init_checkpoint=init_checkpoint,
                                       seed=seed)
@@ -259,10 +257,10 @@ def main(argv: Sequence[str]) -> int:
         return 0
     gin_utils.parse_gin_flags(files, bindings + _flag_bindings(flags), paths)
     result = train_fn(**({"export_hf_dir": flags.export_hf} if flags.export_hf else {}))
-    if result.stopped_by:  # 128 + the signal's number, as a shell reports a process the signal ended
+    if result.stopped_by:
         print(f"stopped at step {result.step} by {result.stopped_by}: its checkpoint is saved in "
               f"{result.model_dir}; run the same command again to resume", file=sys.stderr)
-        return 128 + signal.Signals[result.stopped_by].value
+        return stop_signals.exit_code(result.stopped_by)
     print(f"done: step {result.step}, train {result.train_metrics}, eval {result.eval_metrics}")
     return 0
 
