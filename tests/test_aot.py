@@ -1,7 +1,8 @@
 """Ahead-of-time TPU compiles on a CPU-only host (twolar_jax.aot): the tiny model on a v5e:2x2 slice.
 
 libtpu's compiler builds the slice; nothing runs. The compiles share one module-scoped run of each layout,
-so the whole file costs four small TPU compiles (about 15 s of CPU each).
+so the whole file costs four small TPU compiles (about 15 s of CPU each) and one of flan-t5-small with
+scanned layers (about 10 s).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from twolar_jax.aot import flops, main, report, topology
+from twolar_jax.aot import flops, gin_jobs, main, report, topology
 from twolar_jax.errors import OptionError
+from twolar_jax.model import network
+from twolar_jax.model.config import preset
 
 TINY_FILE, NO_DROPOUT = "experiments/tiny_smoke.gin", "DROPOUT_RATE = 0.0"  # dropout doubles compile time
 TINY = [f"--gin_file={TINY_FILE}", "--gin.DROPOUT_RATE=0.0"]
@@ -33,6 +36,21 @@ def blocks(text: str) -> dict[str, dict[str, str]]:
         values = fields("job=" + block)
         out[values["job"]] = values
     return out
+
+
+def param_count(name: str) -> int:
+    """Parameters of a preset, from the model's own (abstract) parameter tree."""
+    shapes = jax.eval_shape(lambda: network.init_params(preset(name), jax.random.PRNGKey(0)))
+    return sum(int(x.size) for x in jax.tree.leaves(shapes))
+
+
+def cli_error(capsys, *args: str) -> str:
+    """The one stderr line of a command that must fail with exit code 2 and print nothing on stdout."""
+    assert main.main(["--topology=v5e:2x2", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("twolar compile: error: ") and "Traceback" not in captured.err
+    return captured.err
 
 
 def run_cli(capsys, tmp_path: Path, *args: str) -> dict[str, dict[str, str]]:
@@ -131,6 +149,69 @@ def test_aot_does_not_import_the_data_side():
     assert out == ["32", "30", "512", "4", "(1,", "-1,", "4)", "True", "False"]
 
 
+def test_aot_a_model_file_alone_trains_with_the_run_defaults():
+    """No run file: the train compile reads runs/distill_train.gin first, as if included before the model file;
+    --gin bindings override its defaults. Before, train.model stayed 'tiny' and train.total_steps unbound."""
+    gin_jobs.parse_job_gin(["models/tiny.gin", "runs/distill_train.gin"], run_defaults=False)
+    with_run_file = gin_jobs.train_job()  # what twolar-train makes of the model file plus the run file
+    gin_jobs.parse_job_gin(["models/tiny.gin"])
+    alone = gin_jobs.train_job()
+    assert alone == with_run_file and alone.total_steps > 1 and alone.config == preset("tiny", dropout_rate=0.1)
+    assert (alone.batch_size, alone.group_size, alone.max_length) == (32, 30, 512)
+    smoke = ["TRAIN_STEPS = 20", "BATCH_SIZE = 8", "GROUP_SIZE = 4", "MAX_LENGTH = 64", "LEARNING_RATE = 1e-3",
+             NO_DROPOUT]
+    gin_jobs.parse_job_gin(["models/tiny.gin"], smoke)
+    overridden = gin_jobs.train_job()
+    gin_jobs.parse_job_gin([TINY_FILE])  # the experiment is the model file, the run file and these macros
+    assert overridden == gin_jobs.train_job() and overridden.batch_size == 8
+
+
+def test_aot_experiments_parse_as_they_did_without_the_run_defaults():
+    """Every experiment includes the run file itself, so reading it first changes none of its bindings."""
+    import gin
+
+    from twolar_jax import resources
+
+    experiments = [p for p in sorted(resources.gin_dir().glob("experiments/*.gin"))
+                   if not p.name.startswith("demo")]  # the demo's files configure its other stages too
+    assert len(experiments) >= 6
+    for path in experiments:
+        name = str(path.relative_to(resources.gin_dir()))
+        gin_jobs.parse_job_gin([name], run_defaults=False)
+        before, job = gin.config_str(), gin_jobs.train_job()
+        gin_jobs.parse_job_gin([name])
+        assert gin.config_str() == before and gin_jobs.train_job() == job, name
+
+
+def test_aot_train_needs_a_model_file_one_line(capsys):
+    """A train compile without a model file used to compile 'tiny'; now MODEL_CONFIG is named, before libtpu."""
+    err = cli_error(capsys, "--job=train", "--gin_file=mesh/fsdp.gin")
+    assert "MODEL_CONFIG is not bound" in err and "--gin_file=models/" in err
+
+
+@pytest.mark.parametrize("binding, named", [
+    ("--gin.TRAIN_STEPS=None", "train.total_steps (TRAIN_STEPS"),
+    ("--gin.NUM_MICROBATCHES=None", "train.num_microbatches (NUM_MICROBATCHES"),
+    ("--gin.MESH_SHAPE=None", "train.mesh_shape (MESH_SHAPE"),
+    ("--gin.BATCH_SIZE=None", "bind no BATCH_SIZE"),
+    ("--gin.MAX_LENGTH='64'", "MAX_LENGTH must be an integer >= 1, got '64'"),
+    ("--gin.GROUP_SIZE=%UNSET_GROUP_SIZE", "gin macro UNSET_GROUP_SIZE is referenced but not bound"),
+])
+def test_aot_unbound_or_bad_train_binding_is_one_line_naming_it(capsys, binding, named):
+    assert named in cli_error(capsys, "--job=train", "--gin_file=models/tiny.gin", binding)
+
+
+def test_aot_unbound_total_steps_is_an_option_error_not_a_type_error():
+    """Without the run defaults (and so without train.total_steps) train_job() names the binding; the model is the
+    model file's MODEL_CONFIG, never train()'s default 'tiny'."""
+    gin_jobs.parse_job_gin(["models/flan_t5_small.gin"], run_defaults=False)
+    with pytest.raises(OptionError, match=r"bind no train\.total_steps.*--gin\.TRAIN_STEPS=VALUE"):
+        gin_jobs.train_job()
+    gin_jobs.parse_job_gin(["models/flan_t5_small.gin"], ["train.total_steps = 1", "BATCH_SIZE = 8", "GROUP_SIZE = 4",
+                                                          "MAX_LENGTH = 64"], run_defaults=False)
+    assert gin_jobs.train_job().config == preset("flan-t5-small", dropout_rate=0.1)
+
+
 # --------------------------------------------------------------------------------------------- compiles
 @needs_libtpu
 def test_aot_libtpu_refuses_an_impossible_slice_with_an_option_error():
@@ -193,3 +274,17 @@ def test_aot_a_batch_that_does_not_split_names_the_options(capsys):
     assert main.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "BATCH_SIZE / NUM_MICROBATCHES = 32 / 1" in err and "multiple of 256" in err
+
+
+@needs_libtpu
+def test_aot_train_compiles_the_model_file_it_is_given(capsys):
+    """flan-t5-small's model file alone: the report names flan-t5-small and counts its parameters (was: tiny's)."""
+    code = main.main(["--topology=v5e:2x2", "--job=train", "--gin_file=models/flan_t5_small.gin",
+                      "--gin.train.total_steps=1", "--gin.BATCH_SIZE=8", "--gin.GROUP_SIZE=4", "--gin.MAX_LENGTH=64",
+                      "--gin.DROPOUT_RATE=0.0", "--gin.model_preset.scan_layers=True"])  # both only compile faster
+    out = capsys.readouterr().out
+    assert code == 0, out
+    train = blocks(out)["train"]
+    assert train["model"] == "flan-t5-small" and train["batch"] == "8x4x64" and train["scan_layers"] == "True"
+    assert float(train["params"]) == pytest.approx(param_count("flan-t5-small"), rel=1e-3)
+    assert param_count("flan-t5-small") > 10 * param_count("tiny")  # far from what it compiled before

@@ -11,6 +11,15 @@ with references to unknown names; the %gin.REQUIRED MODEL_DIR and DISTILL_JSONL 
 Nothing reads any of them. The batch shape comes from the BATCH_SIZE, GROUP_SIZE and MAX_LENGTH macros that
 the run file passes to the data source; everything else is `train(...)`'s own bindings, or its defaults
 where a file binds nothing.
+
+A train compile parses the shipped run file (RUN_DEFAULTS, runs/distill_train.gin) before the user's files,
+so that a model file alone (`--gin_file=models/flan_t5_small.gin`) compiles the run twolar-train would make
+of it with the run's defaults: `train.model = %MODEL_CONFIG` (the model the files name, never `train()`'s
+default 'tiny'), TRAIN_STEPS, BATCH_SIZE, GROUP_SIZE, MAX_LENGTH, the mesh, ..., each overridable by the
+user's files and --gin bindings. The experiments include that file themselves, after their model file, so
+the second parse rebinds every name the first bound: their config is the one they had without it. A needed
+binding that is still unbound (no model file: MODEL_CONFIG), or bound to a value the train step cannot take,
+is a one-line OptionError naming it.
 """
 from __future__ import annotations
 
@@ -18,10 +27,13 @@ import contextlib
 import dataclasses
 import importlib.abc
 import inspect
+import re
 import sys
 from typing import Any, Iterator, Optional, Sequence
 
-from twolar_jax import gin_utils, partitioning, trainer
+import gin
+
+from twolar_jax import gin_utils, partitioning, resources, trainer
 from twolar_jax.errors import OptionError
 from twolar_jax.model.config import T5Config
 from twolar_jax.optimizers import OptimizerConfig
@@ -31,6 +43,12 @@ DATA_CONFIGURABLES = ("seqio_batches", "DistillFiles")
 PLACEHOLDERS = ("MODEL_DIR = '<aot: not used>'", "DISTILL_JSONL = '<aot: not used>'", "DISTILL_FILES = None",
                 "train.train_batches = None", "ValidationConfig.batches = None")
 TRAIN = "twolar_jax.train.train"
+RUN_DEFAULTS = "runs/distill_train.gin"  # in the shipped gin folder; parsed first for a train compile
+# The macro the run file binds each train() argument to, named in errors: what a user would set.
+RUN_MACROS = {"model": "MODEL_CONFIG", "total_steps": "TRAIN_STEPS", "num_microbatches": "NUM_MICROBATCHES",
+              "loss": "LOSS", "score_head": "SCORE_HEAD", "mesh_shape": "MESH_SHAPE",
+              "logical_axis_rules": "LOGICAL_AXIS_RULES", "seed": "SEED"}
+_UNBOUND_MACRO = re.compile(r"No bindings specified for '(?P<name>\w+)/gin\.macro'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,36 +102,96 @@ def _without_package(package: str) -> Iterator[None]:
 
 
 def parse_job_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-                  search_paths: Sequence[str] = ()) -> None:
-    """Parse the job's files and bindings into a cleared gin config, without the data side (module docstring)."""
+                  search_paths: Sequence[str] = (), *, run_defaults: bool = True) -> None:
+    """Parse the job's files and bindings into a cleared gin config, without the data side (module docstring).
+
+    run_defaults: parse RUN_DEFAULTS first (a train compile; the score job reads none of its bindings)."""
     from twolar_jax import train as train_module
 
     train_module.register_configurables()
-    with _without_package(DATA_PACKAGE):
-        gin_utils.parse_gin_flags(gin_files, list(PLACEHOLDERS) + list(gin_bindings), search_paths,
-                                  skip_unknown=list(DATA_CONFIGURABLES))
+    files = list(gin_files)
+    if run_defaults and files:  # no file at all stays parse_gin_flags' "no --gin_file given"
+        files.insert(0, str(resources.gin_dir() / RUN_DEFAULTS))
+    try:
+        with _without_package(DATA_PACKAGE):
+            gin_utils.parse_gin_flags(files, list(PLACEHOLDERS) + list(gin_bindings), search_paths,
+                                      skip_unknown=list(DATA_CONFIGURABLES))
+    except gin_utils.GinConfigError as e:
+        unbound = _UNBOUND_MACRO.search(str(e.__cause__ or ""))
+        if unbound is None:
+            raise
+        name = unbound.group("name")
+        if name == "MODEL_CONFIG" and run_defaults:
+            raise OptionError(f"gin macro MODEL_CONFIG is not bound: a train compile reads {RUN_DEFAULTS} first "
+                              "(train.model = %MODEL_CONFIG), and no file binds it: add a model file, e.g. "
+                              "--gin_file=models/flan_t5_small.gin") from None
+        raise OptionError(f"gin macro {name} is referenced but not bound: add --gin.{name}=VALUE") from None
 
 
 def _bound(name: str, default: Any) -> Any:
-    """A gin parameter (`fn.arg`) or macro (`NAME`), or `default` when the files bind nothing."""
+    """A gin parameter (`fn.arg`) or macro (`NAME`), or `default` when the files bind nothing. Only "not
+    bound" gives the default: an error evaluating a bound value (a bad model_preset.name) is raised."""
     try:
-        return gin_utils.query(name)
+        gin.query_parameter(name if "." in name else f"%{name}")
     except ValueError:
         return default
+    return gin_utils.query(name)
+
+
+def _binding(name: str) -> str:
+    """How errors name a train() argument: the binding and the macro the run file binds it to."""
+    macro = RUN_MACROS.get(name)
+    return f"train.{name}" + (f" ({macro} in {RUN_DEFAULTS})" if macro else "")
 
 
 def _train_arg(name: str) -> Any:
+    """train()'s argument as the gin files bind it, else its default; a required one unbound is an OptionError."""
     from twolar_jax import train as train_module
 
-    return _bound(f"{TRAIN}.{name}", inspect.signature(train_module.train).parameters[name].default)
+    default = inspect.signature(train_module.train).parameters[name].default
+    value = _bound(f"{TRAIN}.{name}", default)
+    if value is inspect.Parameter.empty:
+        raise OptionError(f"the gin files bind no train.{name}, which a train compile needs: add "
+                          f"--gin.{RUN_MACROS.get(name, 'train.' + name)}=VALUE")
+    return value
 
 
-def _macro(name: str) -> Any:
+def _int(what: str, value: Any, minimum: Optional[int]) -> int:
+    """An integer option (not a bool), >= minimum unless None, or an OptionError naming its binding `what`."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise OptionError(f"{what} must be an integer" + (f" >= {minimum}" if minimum is not None else "")
+                          + f", got {value!r}")
+    return value
+
+
+def _train_int(name: str, minimum: Optional[int]) -> int:
+    return _int(_binding(name), _train_arg(name), minimum)
+
+
+def _macro(name: str) -> int:
     value = _bound(name, None)
     if value is None:
         raise OptionError(f"the gin files bind no {name}: a train compile reads the batch shape from BATCH_SIZE, "
-                          "GROUP_SIZE and MAX_LENGTH (as gin/runs/distill_train.gin binds them)")
-    return value
+                          f"GROUP_SIZE and MAX_LENGTH (as {RUN_DEFAULTS} binds them)")
+    return _int(name, value, 1)
+
+
+def _train_model() -> Any:
+    """train.model as bound (the run file: %MODEL_CONFIG), else MODEL_CONFIG; never train()'s default 'tiny'."""
+    unbound = object()
+    for name in (f"{TRAIN}.model", "MODEL_CONFIG"):
+        value = _bound(name, unbound)
+        if value is not unbound:
+            return value  # resolve_model_config names train.model when it is no model (None, a typo)
+    raise OptionError("the gin files name no model: bind MODEL_CONFIG with a model file (e.g. "
+                      "--gin_file=models/flan_t5_small.gin) or train.model (--gin.train.model=\"'flan-t5-small'\")")
+
+
+def _mesh_shape() -> tuple[int, ...]:
+    value = _train_arg("mesh_shape")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise OptionError(f"{_binding('mesh_shape')} must be a sequence of ints such as (-1, 1, 1), got {value!r}")
+    return tuple(_int(_binding("mesh_shape") + " entries", v, -1) for v in value)
 
 
 def _rules(value: Optional[Sequence]) -> tuple:
@@ -126,14 +204,14 @@ def train_job() -> TrainJob:
 
     spec = trainer.make_step_spec(loss=_train_arg("loss"), loss_options=_train_arg("loss_options"),
                                   score_head=_train_arg("score_head"),
-                                  num_microbatches=_train_arg("num_microbatches"),
+                                  num_microbatches=_train_int("num_microbatches", 1),
                                   enable_dropout=_train_arg("enable_dropout"))
-    return TrainJob(config=resolve_model_config(_train_arg("model"), _train_arg("model_overrides")),
+    return TrainJob(config=resolve_model_config(_train_model(), _train_arg("model_overrides")),
                     optimizer=_train_arg("optimizer"), spec=spec,
-                    mesh_shape=tuple(_train_arg("mesh_shape")), rules=_rules(_train_arg("logical_axis_rules")),
-                    total_steps=int(_train_arg("total_steps") or 1), seed=int(_train_arg("seed")),
-                    batch_size=int(_macro("BATCH_SIZE")), group_size=int(_macro("GROUP_SIZE")),
-                    max_length=int(_macro("MAX_LENGTH")))
+                    mesh_shape=_mesh_shape(), rules=_rules(_train_arg("logical_axis_rules")),
+                    total_steps=_train_int("total_steps", 0) or 1, seed=_train_int("seed", None),
+                    batch_size=_macro("BATCH_SIZE"), group_size=_macro("GROUP_SIZE"),
+                    max_length=_macro("MAX_LENGTH"))
 
 
 def score_job(*, batch_size: int, max_length: int, dtype: Optional[str]) -> ScoreJob:

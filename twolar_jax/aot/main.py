@@ -37,14 +37,16 @@ def compile_jobs(*, topology_name: str, jobs: Sequence[str], gin_files: Sequence
     from twolar_jax.aot import programs
 
     target = topology.parse_topology(topology_name)
+    # Every gin binding is read (and a bad or missing one reported) before libtpu builds the slice.
+    gin_jobs.parse_job_gin(gin_files, gin_bindings, search_paths, run_defaults="train" in jobs)
+    specs = {job: gin_jobs.train_job() if job == "train" else
+             gin_jobs.score_job(batch_size=batch_size, max_length=max_length, dtype=dtype) for job in jobs}
     devices = topology.topology_devices(target)
-    gin_jobs.parse_job_gin(gin_files, gin_bindings, search_paths)
     for job in jobs:
         if job == "train":
-            program = programs.train_program(gin_jobs.train_job(), devices)
+            program = programs.train_program(specs[job], devices)
         else:
-            program = programs.score_program(
-                gin_jobs.score_job(batch_size=batch_size, max_length=max_length, dtype=dtype), devices)
+            program = programs.score_program(specs[job], devices)
         report = programs.compile_program(program, target, dump_dir=dump_dir)
         if dump_dir:
             Path(dump_dir, f"{job}.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -54,7 +56,9 @@ def compile_jobs(*, topology_name: str, jobs: Sequence[str], gin_files: Sequence
 def _flags(argv: Sequence[str]) -> argparse.Namespace:
     parser = entry.parser_with_gin_help(
         "twolar compile", __doc__.split("\n")[0], "models/", "mesh/", "experiments/",
-        note="MODEL_DIR and DISTILL_JSONL get placeholders: a compile reads no data and writes no checkpoint.")
+        note="A train compile reads runs/distill_train.gin before the given files (a model file alone gets the "
+             "run's defaults). MODEL_DIR and DISTILL_JSONL get placeholders: a compile reads no data and writes no "
+             "checkpoint.")
     parser.add_argument("--topology", required=True, help=f"the TPU slice: {topology.TOPOLOGY_FORM}")
     parser.add_argument("--job", choices=JOBS, default="train", help="what to compile (all: train, then score)")
     parser.add_argument("--batch_size", type=int, default=32, help="score job: rows of token ids per call")
