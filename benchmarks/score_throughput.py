@@ -10,12 +10,16 @@ alike; the ratio is total torch time over total ours time. Prints pairs/s for ea
 peak is known (on a CPU each side's model GFLOP/s against its library's rate on one GEMM alone),
 `compile_s=` for the first pass in this fresh process against an empty persistent compilation cache
 (cache=cold) and in a fresh subprocess against the filled one (cache=warm), and last
-`ratio_vs_torch=<ours pairs/s / torch pairs/s>`.
+`ratio_vs_torch=<ours pairs/s / torch pairs/s>`. Before that, `cold_start_overhead_s=` and
+`warm_start_overhead_s=`: the first `Reranker.rank()` of one query's 100 candidates minus the second, each
+in a fresh subprocess, first against an empty cache folder (it compiles and stores the scoring programs),
+then against that folder (it loads them: twolar_jax/executable_cache.py).
 
   python benchmarks/score_throughput.py --quick            # 128 pairs, one round: about a minute on 2 cores
   python benchmarks/score_throughput.py                    # 512 pairs, 2 rounds
   python benchmarks/score_throughput.py --per_query        # the same pairs, one query at a time
   python benchmarks/score_throughput.py --preset flan-t5-base --dtype bfloat16 --pairs 4300   # on a GPU
+  python benchmarks/score_throughput.py --start_only       # only the cold/warm start overheads
 """
 from __future__ import annotations
 
@@ -46,6 +50,62 @@ def load_dl19_texts(n: int) -> tuple[list[str], list[str], str]:
                     docs.append(hit["content"])
             return queries[:n], docs[:n], str(candidate)
     raise SystemExit("DL19 candidates not found: neither data/trec_dl nor ../shared/data/trec_dl is present")
+
+
+START_FLAG = "--start_probe"
+START_PREFIX = "start_probe "  # the probe's last line: start_probe first_s=<s> second_s=<s> stats=<json>
+START_CANDIDATES = 100
+
+
+def one_query_candidates(n: int = START_CANDIDATES) -> tuple[str, list[str], str]:
+    """The first DL19 query and its top-n BM25 passages, or synthetic text when the data is absent."""
+    try:
+        queries, docs, source = load_dl19_texts(n)
+        return queries[0], [d for q, d in zip(queries, docs) if q == queries[0]], source
+    except SystemExit as e:
+        import random
+
+        rng = random.Random(0)
+        words = "the of turing award machine learning network deep passage query relevant model score".split()
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 160))) for _ in range(n)]
+        return "who won the turing award", docs, f"synthetic text ({e})"
+
+
+def run_start_probe(args) -> None:
+    """A fresh process, as a user's script: build the Reranker, rank one query's candidates twice."""
+    bench_common.use_cache(args.start_probe)
+    from twolar_jax.model.config import preset
+    from twolar_jax.model.network import init_params
+    from twolar_jax.reranker import Reranker
+
+    query, docs, _ = one_query_candidates()
+    config = preset(args.preset, attention=args.attention, scan_layers=args.scan_layers)
+    rr = Reranker.from_params(config, init_params(config, 0), dtype=args.dtype, batch_size=args.batch_size,
+                              max_length=args.max_length, length_buckets=args.length_buckets)
+    first = bench_common.timed(lambda: rr.rank(query, docs))
+    second = bench_common.timed(lambda: rr.rank(query, docs))
+    stats = rr.executable_cache.stats.as_dict() if rr.executable_cache is not None else None
+    print(f"{START_PREFIX}first_s={first:.3f} second_s={second:.3f} stats={json.dumps(stats)}", flush=True)
+
+
+def start_overheads(argv: list[str]) -> None:
+    """cold_start_overhead_s (empty cache folder) and warm_start_overhead_s (the folder the cold run filled),
+    each the first rank() minus the second in a fresh subprocess."""
+    import re
+    import subprocess
+
+    _, docs, source = one_query_candidates()
+    print(f"start: {len(docs)} candidates of one query from {source}")
+    with tempfile.TemporaryDirectory(prefix="twolar_bench_start_") as cache_dir:
+        for label in ("cold", "warm"):
+            done = subprocess.run([sys.executable, __file__, *argv, START_FLAG, cache_dir], capture_output=True,
+                                  text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            found = re.findall(rf"^{START_PREFIX}first_s=([0-9.]+) second_s=([0-9.]+) stats=(.*)$", done.stdout, re.M)
+            if done.returncode != 0 or not found:
+                raise RuntimeError(f"start probe failed (rc={done.returncode}): {done.stderr[-2000:]}")
+            first, second, stats = float(found[-1][0]), float(found[-1][1]), found[-1][2]
+            print(f"{label}_start_overhead_s={first - second:.2f} (first rank() {first:.2f} s, second {second:.2f} s, "
+                  f"executable cache {stats})", flush=True)
 
 
 def encoder_flops_per_pair(config, length: int) -> float:
@@ -84,8 +144,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "buckets compile fewer shapes, at the cost of more padding")
     ap.add_argument("--skip_torch", action="store_true")
     ap.add_argument("--skip_warm_compile", action="store_true", help="do not start the warm-cache subprocess")
+    ap.add_argument("--start_only", action="store_true",
+                    help="measure only cold_start_overhead_s and warm_start_overhead_s")
+    ap.add_argument("--skip_start", action="store_true", help="do not measure the start overheads")
     ap.add_argument(bench_common.PROBE_FLAG, default=None, metavar="CACHE_DIR", dest="compile_probe",
                     help=argparse.SUPPRESS)  # internal: only the first pass, against CACHE_DIR
+    ap.add_argument(START_FLAG, default=None, metavar="CACHE_DIR", dest="start_probe",
+                    help=argparse.SUPPRESS)  # internal: rank() twice in a fresh process, against CACHE_DIR
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs = min(args.pairs, 128)
@@ -170,7 +235,14 @@ def torch_scorer(args, config, params, true_id: int, false_id: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    bench_common.run_main(argv, parse_args, run_probe, run)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.start_probe:
+        return run_start_probe(args)
+    if not args.skip_start:
+        start_overheads([a for a in argv if a not in ("--start_only", "--skip_start")])
+    if not args.start_only:
+        bench_common.run_main(argv, parse_args, run_probe, run)
 
 
 def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:

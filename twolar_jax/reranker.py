@@ -19,11 +19,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from twolar_jax import host_heap, partitioning, scoring_runtime
+from twolar_jax import executable_cache, host_heap, partitioning, scoring_runtime
 from twolar_jax.errors import CheckpointError, OptionError, TwolarError, check_choice
 from twolar_jax.model.config import T5Config
 from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens
-from twolar_jax.scoring_runtime import score_batch
 from twolar_jax.tokenizer import (DOCUMENT_MARKER, QUERY_PREFIX, SUFFIX, T5Tokenizer, assemble_pair, check_encodable,
                                   check_encoding_options, encode_query_document)
 
@@ -101,7 +100,8 @@ class Reranker:
     mesh_shape: (data, fsdp, model) sizes over `devices` (default: all local devices), one may be -1;
     (-1, 1, 1) replicates the parameters, (1, -1, 1) shards them fsdp, (1, 2, 4) adds tensor parallelism.
     logical_axis_rules: the rule table mapping the model's logical axes onto those mesh axes (default:
-    gin/mesh/rules.gin, the training table). compile_cache: use the persistent compilation cache.
+    gin/mesh/rules.gin, the training table). compile_cache: use the persistent compilation cache, and keep
+    the compiled scoring programs beside it (`executable_cache`: a fresh process skips tracing them).
     length_buckets: the lengths a batch may be padded to (default: `default_length_buckets(max_length)`);
     fewer buckets compile fewer shapes, more pad fewer tokens.
     prefetch: how many assembled batches the tokenizer thread may run ahead of the device.
@@ -116,9 +116,10 @@ class Reranker:
         check_options(score_head=score_head, dtype=dtype, batch_size=batch_size, max_length=max_length,
                       truncation=truncation, length_buckets=length_buckets, devices=devices, mesh_shape=mesh_shape,
                       logical_axis_rules=logical_axis_rules, compile_cache=compile_cache, prefetch=prefetch)
+        cache_dir = None
         if compile_cache:
             from twolar_jax.compile_cache import enable_compilation_cache
-            enable_compilation_cache()
+            cache_dir = enable_compilation_cache()
         self.tokenizer = tokenizer or T5Tokenizer()
         if self.tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model only {config.vocab_size}")
@@ -138,6 +139,12 @@ class Reranker:
         self.batch_size = scoring_runtime.round_batch_size(batch_size, self.parallelism)
         self._batch_sharding = NamedSharding(self.mesh, partitioning.batch_spec(2, self.rules))
         self.params = scoring_runtime.place_params(params, self.config, self.mesh, self.rules)
+        # Compiled scoring programs kept next to the compilation cache (off with it): a fresh process loads
+        # them instead of tracing and lowering the model again (docs/training.md, "Warm starts").
+        self.executable_cache = executable_cache.for_compilation_cache(cache_dir)
+        self._program = scoring_runtime.ScoreProgram(
+            self.params, config=self.config, head=self.score_head, vocab_ids=self.vocab_ids, rules=self.rules,
+            mesh=self.mesh, batch_sharding=self._batch_sharding, cache=self.executable_cache)
         self._dispatched_shapes: set[tuple[int, ...]] = set()
 
     # --- construction ----------------------------------------------------------------------------
@@ -233,13 +240,10 @@ class Reranker:
 
     def _group_items(self, group: int, encoded: Iterable[Sequence[int]]):
         return scoring_runtime.group_batches(group, encoded, buckets=self.length_buckets, batch_size=self.batch_size,
-                                             parallelism=self.parallelism)
+                                             parallelism=self.parallelism, on_plan=self._program.prefetch)
 
     def _dispatch(self, tokens: np.ndarray) -> jax.Array:
-        batch = jax.device_put(tokens, self._batch_sharding)
-        with partitioning.activation_context(self.mesh, self.rules):
-            scores = score_batch(self.params, batch, config=self.config, head=self.score_head,
-                                 vocab_ids=self.vocab_ids, rules=self.rules)
+        scores = self._program(jax.device_put(tokens, self._batch_sharding))
         if tokens.shape not in self._dispatched_shapes:
             # A new shape has just compiled: on a kept host heap (the CLIs on CPU) the compiler's freed memory
             # goes back to the system, else a run over many length buckets keeps every compile's garbage

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import concurrent.futures
 import functools
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -24,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from twolar_jax import partitioning
 from twolar_jax.errors import CheckpointError, OptionError
+from twolar_jax.executable_cache import ExecutableCache, compile_fresh, environment
 from twolar_jax.model.config import T5Config
 from twolar_jax.model.network import T5, logical_axes
 from twolar_jax.prefetch import EMPTY, BackgroundIterator
@@ -103,6 +107,118 @@ def score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str, 
     return score_from_selected(selected, head)
 
 
+# The modules whose source decides what score_batch compiles to: an edit to any of them is a new program.
+_PROGRAM_SOURCES = tuple(Path(__file__).parent / name for name in (
+    "model/config.py", "model/network.py", "model/scan.py", "scoring.py", "scoring_runtime.py", "partitioning.py"))
+
+
+def _load_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread that reads stored programs ahead of dispatch (loading one costs about 0.1 s of CPU), so
+    a load overlaps the batches already running instead of waiting in front of the next one."""
+    global _LOAD_POOL
+    with _LOAD_POOL_LOCK:
+        if _LOAD_POOL is None:
+            _LOAD_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="twolar-program-load")
+        return _LOAD_POOL
+
+
+_LOAD_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_LOAD_POOL_LOCK = threading.Lock()
+
+
+class ScoreProgram:
+    """`score_batch` bound to one Reranker's parameters, mesh and rules: tokens [rows, length] -> scores.
+
+    Without a cache it calls the jit as it always did. With an `ExecutableCache` each tokens shape is
+    compiled ahead of time (the same lowering the jit does, so the same executable and scores) and the
+    executable is kept on disk, so a fresh process loads it instead of tracing and lowering the model
+    again (flan-t5-small: about a second per shape). `prefetch` starts those loads as soon as the batch
+    planner knows a window's shapes, while earlier batches run."""
+
+    def __init__(self, params: Any, *, config: T5Config, head: str, vocab_ids: tuple[int, ...],
+                 rules: tuple, mesh: Mesh, batch_sharding: NamedSharding, cache: ExecutableCache | None) -> None:
+        self.params, self.config, self.head, self.vocab_ids = params, config, head, vocab_ids
+        self.rules, self.mesh, self.batch_sharding, self.cache = rules, mesh, batch_sharding, cache
+        self._programs: dict[tuple[int, ...], Any] = {}
+        self._pending: dict[tuple[int, ...], concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._base: dict[str, Any] | None = None
+        self._devices = list(mesh.devices.flat)  # the order of the executable's device assignment
+        self._trees = (jax.tree.structure(((params, 0), {})), jax.tree.structure(0))  # (in, out); tokens: a leaf
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if self.cache is None:
+            with partitioning.activation_context(self.mesh, self.rules):
+                return score_batch(self.params, tokens, config=self.config, head=self.head,
+                                   vocab_ids=self.vocab_ids, rules=self.rules)
+        shape = tokens.shape
+        program = self._programs.get(shape)
+        if program is not None:
+            return program(self.params, tokens)
+        with self._lock:
+            pending = self._pending.pop(shape, None)
+        if pending is not None:
+            pending.result()  # it is in the cache's memory now, or was not stored (then compiled below)
+        program, compiled = self._load_or_compile(tokens)
+        try:
+            out = program(self.params, tokens)
+        except (TypeError, ValueError) as e:  # a stored program that does not take these arguments
+            if compiled:
+                raise
+            self.cache.reject(self.description(shape), f"{type(e).__name__}: {e}")
+            program, _ = self._load_or_compile(tokens)
+            out = program(self.params, tokens)
+        self._programs[shape] = program
+        return out
+
+    def prefetch(self, shapes: Iterable[tuple[int, ...]]) -> None:
+        """Start loading the stored programs of `shapes` (from any thread; a no-op without a cache)."""
+        if self.cache is None:
+            return
+        with self._lock:
+            for shape in dict.fromkeys(tuple(s) for s in shapes):
+                if shape not in self._programs and shape not in self._pending:
+                    self._pending[shape] = _load_pool().submit(self._load, shape)
+
+    def _load(self, shape: tuple[int, ...]) -> Any:
+        return self.cache.load(self.description(shape), in_tree=self._trees[0], out_tree=self._trees[1],
+                               devices=self._devices)
+
+    def _load_or_compile(self, tokens: jax.Array) -> tuple[Any, bool]:
+        def compile_fn() -> tuple[Any, bool]:
+            with partitioning.activation_context(self.mesh, self.rules):
+                lowered = score_batch.lower(self.params, tokens, config=self.config, head=self.head,
+                                            vocab_ids=self.vocab_ids, rules=self.rules)
+            return compile_fresh(lowered)
+
+        return self.cache.get_or_compile(self.description(tokens.shape), compile_fn, in_tree=self._trees[0],
+                                         out_tree=self._trees[1], devices=self._devices)
+
+    def description(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """Everything that determines the program for a tokens `shape` (the executable cache's key)."""
+        with self._lock:
+            if self._base is None:
+                self._base = self._describe_base()
+        return {**self._base, "tokens": [list(shape), "int32"]}
+
+    def _describe_base(self) -> dict[str, Any]:
+        def leaf(path: Any, x: jax.Array) -> list:
+            sharding = x.sharding
+            spec = str(sharding.spec) if isinstance(sharding, NamedSharding) else repr(sharding)
+            return [partitioning.tree_path_str(path), list(x.shape), str(x.dtype), spec]
+
+        return {
+            "program": "twolar_jax.scoring_runtime.score_batch",
+            "config": asdict(self.config), "head": self.head, "vocab_ids": list(self.vocab_ids),
+            "rules": [[name, target] for name, target in self.rules],
+            "params": [leaf(p, x) for p, x in jax.tree_util.tree_flatten_with_path(self.params)[0]],
+            "mesh": {"axes": list(self.mesh.axis_names), "shape": list(self.mesh.devices.shape),
+                     "device_ids": [d.id for d in self._devices]},
+            "tokens_sharding": str(self.batch_sharding.spec),
+            "environment": environment(self._devices, _PROGRAM_SOURCES),
+        }
+
+
 # -------------------------------------------------------------------------------------- batches
 @dataclass(frozen=True)
 class Batch:
@@ -166,15 +282,21 @@ def plan_batches(lengths: Sequence[int], *, buckets: Sequence[int], batch_size: 
 
 
 def group_batches(group: int, encoded: Iterable[Sequence[int]], *, buckets: Sequence[int], batch_size: int,
-                  parallelism: int, window: int | None = None) -> Iterator[Batch | GroupEnd]:
+                  parallelism: int, window: int | None = None,
+                  on_plan: Callable[[list[tuple[int, int]]], None] | None = None) -> Iterator[Batch | GroupEnd]:
     """Batches of one group: inputs are read `window` at a time (default 16 batches' worth) and each window
-    is cut by `plan_batches`, so the device starts on a long group before all of it is tokenized."""
+    is cut by `plan_batches`, so the device starts on a long group before all of it is tokenized.
+    `on_plan` hears each window's batch shapes, in order, before its first batch is yielded."""
     window = window or 16 * batch_size
     pending: list[tuple[int, Sequence[int]]] = []
 
     def emit_window() -> Iterator[Batch]:
         plan = plan_batches([len(ids) for _, ids in pending], buckets=buckets, batch_size=batch_size,
                             parallelism=parallelism)
+        if on_plan is not None:
+            on_plan([(rows_for(len(members), batch_size=batch_size, parallelism=parallelism),
+                      buckets[bisect.bisect_left(buckets, max(len(pending[m][1]) for m in members))])
+                     for members in plan])
         for members in plan:
             longest = max(len(pending[m][1]) for m in members)
             tokens = np.zeros((rows_for(len(members), batch_size=batch_size, parallelism=parallelism),
