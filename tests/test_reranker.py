@@ -64,18 +64,32 @@ def test_bad_inputs(params):
         Reranker.from_params(CONFIG, params, score_head="sigmoid")
 
 
-def test_fixed_shapes_compile_once_per_bucket(params):
+@pytest.mark.parametrize("compile_cache", [True, False], ids=["stored-programs", "jit"])
+def test_fixed_shapes_compile_once_per_bucket(params, compile_cache):
+    """However many lengths come in, batches take at most 3 buckets x 4 row counts shapes: one program each
+    (the executable cache's per-shape programs, or the jit's traces without it), none new for repeats."""
     rr = Reranker.from_params(CONFIG, params, batch_size=8, max_length=256, length_buckets=(64, 128, 256),
-                              devices=jax.devices()[:1])
+                              devices=jax.devices()[:1], compile_cache=compile_cache)
+    if compile_cache and rr.executable_cache is None:
+        pytest.skip("the compilation cache is off (TWOLAR_COMPILE_CACHE=off): no stored programs")
+    assert compile_cache or rr.executable_cache is None
     score_batch.clear_cache()
+
+    def programs() -> int:
+        return len(rr._program._programs) if rr.executable_cache is not None else score_batch._cache_size()
+
     docs = [" ".join(["word"] * n) for n in range(0, 240, 7)]
     rr.score_pairs(["q"] * len(docs), docs)
-    first = score_batch._cache_size()
-    assert first <= 3 * 4  # 3 buckets x row counts {1, 2, 4, 8}
+    first = programs()
+    assert 3 <= first <= 3 * 4  # every bucket used; 3 buckets x row counts {1, 2, 4, 8}
     rr.score_pairs(["other query"] * len(docs), docs[::-1])  # same lengths: nothing new to compile
+    assert programs() == first
     more = [" ".join(["word"] * n) for n in range(0, 240, 3)]
     rr.score_pairs(["q"] * len(more), more)
-    assert score_batch._cache_size() <= 3 * 4
+    assert first <= programs() <= 3 * 4
+    if rr.executable_cache is not None:
+        assert score_batch._cache_size() == 0  # the stored programs replace the jit: nothing traced
+        assert {shape[1] for shape in rr._program._programs} == {64, 128, 256}
     assert [rr._rows_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
 
 
