@@ -14,7 +14,7 @@ from typing import Sequence
 
 import yaml
 
-from twolar_jax import entry
+from twolar_jax import entry, user_paths
 from twolar_jax.errors import OptionError
 
 REFERENCE_FILE = Path(__file__).with_name("reference_scores.yaml")
@@ -49,7 +49,7 @@ def compare(name: str, entry: dict, got: dict[str, float]) -> list[str]:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.reference", description=__doc__.split("\n")[0],
+    parser = entry.ArgumentParser(prog="python -m eval.reference", description=__doc__.split("\n")[0],
                                      epilog="gin files: none (plain flags; the datasets come from "
                                             f"{REFERENCE_FILE.name}).")
     parser.add_argument("--datasets", nargs="*", help="subset of the reference file's datasets")
@@ -63,6 +63,10 @@ def _main(argv: list[str]) -> int:
     unknown = [n for n in names if n not in reference]
     if unknown:
         raise OptionError(f"--datasets: {unknown} not in {REFERENCE_FILE} (known: {sorted(reference)})")
+    if args.data_dir:
+        user_paths.check_input("--data_dir", args.data_dir, kind="dir")
+    if args.cache_dir:
+        user_paths.check_output("--cache_dir", args.cache_dir, kind="dir")
     failed = False
     for name in names:
         got = reproduce(name, data_dir=args.data_dir, cache_dir=args.cache_dir)

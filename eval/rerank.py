@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from retrieval.readers import RankRequest
 from retrieval.runs import Run
 from twolar_jax.durable_io import AppendOnlyJsonl, read_jsonl, repair_tail
 from twolar_jax.errors import OptionError
+from twolar_jax.progress import progress_bar
 
 
 class PairScorer(Protocol):
@@ -103,7 +103,7 @@ def rerank(
     try:
         groups = _groups(pending, pairs_per_call)
         total = sum(len(r.candidates) for r in pending)
-        with tqdm(total=total, desc=desc, unit="pair", disable=total == 0) as bar, \
+        with progress_bar(total=total, desc=desc, unit="pair", disable=total == 0) as bar, \
                 contextlib.closing(_score_groups(scorer, groups)) as scored:
             for group, scores in zip(groups, scored, strict=True):
                 scores = _checked_scores(scores, sum(len(r.candidates) for r in group))

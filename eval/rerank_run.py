@@ -37,7 +37,7 @@ from retrieval.readers import (RankCandidate, RankRequest, read_candidates_json,
                                read_rank_llm_jsonl, read_run)
 from retrieval.runs import Run, sort_hits, write_trec_run
 from twolar_jax.durable_io import atomic_writer
-from twolar_jax import entry
+from twolar_jax import entry, user_paths
 from twolar_jax.errors import FormatError, MissingFileError, OptionError
 from twolar_jax.model.config import COMPUTE_DTYPES
 from twolar_jax.scoring import SCORE_HEADS
@@ -82,7 +82,7 @@ def read_requests(run_path: str, *, corpus_path: Optional[str], queries_path: Op
     if kind == "trec":
         if corpus is None or queries is None:
             raise OptionError(f"--run {run_path} is a TREC run: give --corpus and --queries for the texts")
-        run = read_run(run_path, known_queries=set(queries))
+        run = read_run(run_path, known_queries=set(queries), known_from=f"the queries file {queries_path}")
         return requests_from_run(run, queries, corpus.contents, k=top_k, source=run_path)
     requests = read_rank_llm_jsonl(run_path) if kind == "rank_llm" else read_candidates_json(run_path)
     return _with_texts(requests, corpus, queries, run_path, top_k)
@@ -100,12 +100,15 @@ def write_rank_llm_jsonl(path: str | Path, requests: Sequence[RankRequest], run:
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
+    """Before anything is read or scored: the inputs exist, OUT and its score log can be written."""
     for flag in ("run", "corpus", "queries", "qrels"):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             raise MissingFileError(f"{value}: not found (--{flag})")
-    if args.top_k < 1:
-        raise OptionError(f"--top_k={args.top_k}: must be >= 1")
+    out = user_paths.check_output("--output", args.output)
+    for log_file in (f"{out}.scores.jsonl", f"{out}.scores.meta.json"):
+        if Path(log_file).is_dir():
+            raise OptionError(f"--output {out}: its score log {log_file} is a directory")
 
 
 def _check_judged(qrels_path: str, requests: Sequence[RankRequest], source: str) -> None:
@@ -129,7 +132,10 @@ def rerank_file(args: argparse.Namespace) -> Optional[dict[str, float]]:
                                       truncation=args.truncation)
     key = {**key, "candidates": score_log.candidates_digest(requests, args.top_k)}
     out = Path(args.output)
+    if out.parent != Path(""):
+        out.parent.mkdir(parents=True, exist_ok=True)
     scores = score_log.open_score_log(Path(f"{out}.scores.jsonl"), Path(f"{out}.scores.meta.json"), key)
+    entry.on_interrupt(f"the scores of every finished query are in {out}.scores.jsonl")
     run = rerank(scorer, requests, top_k=args.top_k, pairs_per_call=args.pairs_per_call, scores_path=scores,
                  desc="rerank")
     if args.output_format == "rank_llm":
@@ -145,24 +151,24 @@ def rerank_file(args: argparse.Namespace) -> Optional[dict[str, float]]:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.rerank_run", description=__doc__,
+    p = entry.ArgumentParser(prog="python -m eval.rerank_run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="HF T5 dir, HF hub id or training MODEL_DIR")
     p.add_argument("--run", required=True, help="TREC run, rank_llm JSONL (*.jsonl) or candidate JSON (*.json)")
     p.add_argument("--output", required=True, help="the reranked run to write")
     p.add_argument("--corpus", help="BEIR corpus.jsonl or id<TAB>text TSV (needed for a TREC run)")
     p.add_argument("--queries", help="BEIR queries.jsonl or qid<TAB>text TSV (needed for a TREC run)")
-    p.add_argument("--top_k", type=int, default=100, help="candidates reranked per query")
+    p.add_argument("--top_k", type=entry.positive_int, default=100, help="candidates reranked per query")
     p.add_argument("--qrels", help="print the metrics of the output against these qrels (eval.trec's JSON)")
     p.add_argument("--measures", nargs="+", help="ir-measures names (default: nDCG@10 nDCG@1 nDCG@5 RR@10 R@top_k)")
     p.add_argument("--allow_unjudged", action="store_true", help="with --qrels: ignore queries it does not judge")
     p.add_argument("--output_format", choices=OUTPUT_FORMATS, default="trec")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--batch_size", type=entry.positive_int, default=32)
+    p.add_argument("--max_length", type=entry.positive_int, default=512)
     p.add_argument("--score_head", choices=SCORE_HEADS, default="difference")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32")
     p.add_argument("--truncation", default="document", help="what is cut when a pair is too long")
-    p.add_argument("--pairs_per_call", type=int, default=1024, help="pairs handed to the scorer at once")
+    p.add_argument("--pairs_per_call", type=entry.positive_int, default=1024, help="pairs handed to the scorer at once")
     p.add_argument("--run_tag", default="twolar")
     entry.add_common_flags(p)
     return p.parse_args(argv)

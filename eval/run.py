@@ -28,7 +28,7 @@ from eval.rerank import PairScorer, rerank
 from retrieval.candidates import requests_from_run
 from retrieval.readers import read_run
 from retrieval.runs import Run, write_trec_run
-from twolar_jax import entry, gin_utils, resources
+from twolar_jax import entry, gin_utils, resources, user_paths
 from twolar_jax.errors import OptionError, check_choice
 
 log = logging.getLogger("eval")
@@ -277,6 +277,9 @@ def check_bound_options() -> None:
             check_choice(name, value, choices)
     if not _bound("evaluate.output_dir"):
         raise OptionError("evaluate.output_dir is required: --gin.evaluate.output_dir=\"'DIR'\"")
+    user_paths.check_output("evaluate.output_dir", _bound("evaluate.output_dir"), kind="dir")
+    if _bound("evaluate.data_dir"):
+        user_paths.check_input("evaluate.data_dir", _bound("evaluate.data_dir"), kind="dir")
     if (_bound("evaluate.mode") or "rerank") == "rerank" and not _bound("evaluate.checkpoint"):
         raise OptionError("evaluate.mode='rerank' needs evaluate.checkpoint: --gin.evaluate.checkpoint=\"'DIR'\" "
                           "(or --gin.evaluate.mode=\"'bm25'\")")
@@ -313,6 +316,7 @@ def _main(argv: list[str]) -> int:
     configured = register_configurables()
     gin_utils.parse_gin_flags(files, bindings, paths)
     check_bound_options()
+    entry.on_interrupt(f"the scores of every finished query are in {gin_utils.query('evaluate.output_dir')}")
     configured()
     gin_utils.write_operative_config(gin_utils.query("evaluate.output_dir"))
     return 0
@@ -325,4 +329,4 @@ def console_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(console_main(sys.argv[1:]))
+    sys.exit(console_main())

@@ -15,7 +15,7 @@ from typing import Sequence
 from eval.metrics import DEFAULT_MEASURES, evaluate_run, parse_measures, write_json
 from retrieval.readers import read_qrels, read_rank_llm_jsonl, read_run, requests_in_file_order
 from retrieval.runs import TIE_RULES
-from twolar_jax import entry
+from twolar_jax import entry, user_paths
 from twolar_jax.errors import FormatError
 
 
@@ -23,7 +23,7 @@ def score_run_file(qrels_path: str, run_path: str, measures: Sequence[str] = DEF
                    ties: str = "trec_eval", allow_unjudged: bool = False):
     """(aggregate, per-query) for a run file; queries the qrels do not know are an error unless allowed."""
     qrels = read_qrels(qrels_path)
-    run = read_run(run_path, known_queries=None if allow_unjudged else set(qrels))
+    run = read_run(run_path, known_queries=None if allow_unjudged else set(qrels), known_from=f"the qrels {qrels_path}")
     return evaluate_run(qrels, run, measures, ties=ties)
 
 
@@ -40,7 +40,7 @@ def score_rank_llm_file(qrels_path: str, path: str, measures: Sequence[str] = DE
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval.trec", description=__doc__.split("\n")[0],
+    parser = entry.ArgumentParser(prog="python -m eval.trec", description=__doc__.split("\n")[0],
                                      epilog="gin files: none (plain flags only).",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--qrels", required=True, help="TREC qrels (qid iter docid rel), .gz allowed")
@@ -62,6 +62,8 @@ def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     entry.start(args)
     parse_measures(args.measures)  # a bad measure name is an error before any file is read
+    if args.per_query:
+        user_paths.check_output("--per_query", args.per_query)
     if args.run:
         aggregate, per_query = score_run_file(args.qrels, args.run, args.measures, ties=args.ties,
                                               allow_unjudged=args.allow_unjudged)

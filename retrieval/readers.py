@@ -136,7 +136,8 @@ def read_qrels(path: PathLike) -> Qrels:
 
 
 # ----------------------------------------------------------------------------------------------- runs
-def read_run(path: PathLike, *, known_queries: Optional[Collection[str]] = None) -> Run:
+def read_run(path: PathLike, *, known_queries: Optional[Collection[str]] = None,
+             known_from: str = "the topics/qrels") -> Run:
     """TREC run `qid Q0 docid rank score tag`, scores as float64. Ranks are checked to be integers but the
     order comes from the scores (trec_eval's rule, see retrieval.runs). NaN and infinite scores are errors;
     with `known_queries`, a line naming another query is an error."""
@@ -157,7 +158,7 @@ def read_run(path: PathLike, *, known_queries: Optional[Collection[str]] = None)
         if not math.isfinite(value):
             raise FormatError(path, lineno, "score", f"{score!r} is not finite")
         if known_queries is not None and qid not in known_queries:
-            raise FormatError(path, lineno, "qid", f"unknown query {qid!r} (not in the topics/qrels)")
+            raise FormatError(path, lineno, "qid", f"unknown query {qid!r} (not in {known_from})")
         ranked = run.setdefault(qid, {})
         if docid in ranked:
             raise FormatError(path, lineno, "docid", f"document {docid!r} appears twice for query {qid!r}")

@@ -1,13 +1,17 @@
 """The embedded default end to end (`python -m twolar_jax.demo --quick`), as a user runs it: from the
 installed wheel, in an empty directory, on one CPU device."""
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from console_cases import TEST_ONLY_ENV, visible_lines
 from twolar_jax.demo import SYSTEMS, ScorerAsPairScorer
+
+NATIVE_CHATTER = re.compile(r"^[IWEF]\d{4} |absl|cuInit|CUDA|cuda|libtpu|TPU|SLF4J|oneDNN|InitGoogle|Source Location")
 
 
 class _CountingScorer:
@@ -48,11 +52,15 @@ def test_demo_train_stage_stopped_by_a_signal_is_not_done(tmp_path, capsys):
 @pytest.mark.bm25
 def test_demo_quick_end_to_end_and_resume(tmp_path, installed_wheel):
     out = tmp_path / "demo"
-    # As a user runs it: one CPU device (not the 8 simulated ones conftest gives this process).
-    env = {**installed_wheel["env"], "PYTHONUNBUFFERED": "1"}
+    # As a user runs it: one CPU device (not the 8 simulated ones conftest gives this process), and no
+    # JAX_PLATFORMS or TF log level: JAX looks for every backend (libtpu is installed), TF for CUDA.
+    env = {k: v for k, v in installed_wheel["env"].items() if k not in TEST_ONLY_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
     cmd = [sys.executable, "-m", "twolar_jax.demo", "--quick", "--output_dir", str(out)]
     first = subprocess.run(cmd, env=env, cwd=installed_wheel["cwd"], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    chatter = [line for line in visible_lines(first.stderr) if NATIVE_CHATTER.search(line)]
+    assert chatter == [], chatter  # no line from libtpu, CUDA, absl, TensorFlow or the JVM's SLF4J
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == set(SYSTEMS)
     for system in SYSTEMS:

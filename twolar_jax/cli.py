@@ -24,10 +24,17 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a command's console entry; its exit code is ours (2 for an unknown command)."""
+    if argv is None:  # a process of its own: third-party chatter off the console (entry.quiet_console)
+        from twolar_jax import entry
+
+        entry.quiet_console(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else 2
+        return 0
+    if not argv:
+        print(f"twolar: error: no command given; expected one of {list(COMMANDS)} (twolar --help)", file=sys.stderr)
+        return 2
     if argv[0] not in COMMANDS:
         print(f"twolar: error: unknown command {argv[0]!r}; expected one of {list(COMMANDS)} (twolar --help)",
               file=sys.stderr)

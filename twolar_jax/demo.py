@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from twolar_jax import entry, gin_utils, stop_signals
+from twolar_jax import entry, gin_utils, stop_signals, user_paths
 from twolar_jax.errors import OptionError
 from twolar_jax.durable_io import atomic_writer, write_json_atomic, write_text_atomic
 
@@ -208,7 +208,7 @@ STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "eval": stage_eva
 # --- program -------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """The demo's flags; what remains are gin flags (--gin_file, --gin.NAME=VALUE, ...)."""
-    parser = argparse.ArgumentParser(
+    parser = entry.ArgumentParser(
         prog="python -m twolar_jax.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=entry.gin_help("experiments/demo", note="--output_dir sets OUTPUT_DIR, MODEL_DIR and DISTILL_JSONL "
                                                         "(the required macros) under it."))
@@ -234,6 +234,7 @@ def parse_stages(value: str) -> list[str]:
 def prepare_output_dir(output_dir: str) -> DemoPaths:
     """The output folder, created now: a path that cannot be created is one error naming it."""
     paths = DemoPaths(Path(output_dir).expanduser().resolve())
+    user_paths.check_output("--output_dir", output_dir, kind="dir")
     try:
         (paths.root / "stages").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -251,7 +252,8 @@ def run_demo(argv: Sequence[str]) -> dict:
     if leftover:
         raise OptionError(f"unknown arguments {leftover} (see --help)")
     entry.start(args)
-    paths = prepare_output_dir(args.output_dir)
+    user_paths.check_output("--output_dir", args.output_dir, kind="dir")
+    paths = DemoPaths(Path(args.output_dir).expanduser().resolve())
     if "report" in stages and "eval" not in stages and not paths.stage_marker("eval").exists():
         raise OptionError(f"--stages={args.stages!r}: the report needs the eval stage, which has not run in "
                           f"{paths.root} (add eval to --stages)")
@@ -263,6 +265,8 @@ def run_demo(argv: Sequence[str]) -> dict:
                       f"DISTILL_JSONL = {str(paths.build / 'train.jsonl')!r}"]
     configured = register_configurables()
     gin_utils.parse_gin_flags(base + files, stage_bindings + bindings, search_paths)
+    prepare_output_dir(args.output_dir)  # only now: the flags and gin files have been checked
+    entry.on_interrupt(f"every finished stage is saved in {paths.root / 'stages'}")
     summaries = {}
     for stage in STAGES:
         if stage not in stages:

@@ -19,6 +19,18 @@ from typing import IO, Any, Callable, Iterator, Mapping, Optional
 from twolar_jax.errors import FormatError, PathLike
 
 
+@contextlib.contextmanager
+def errors_name(path: PathLike) -> Iterator[None]:
+    """An OSError without a file name (write() or fsync() on a full disk) re-raised naming `path`, so the
+    one-line error a user reads says which output failed, not just "No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
+
+
 # ---------------------------------------------------------------------------------------- whole files
 @contextlib.contextmanager
 def atomic_writer(path: PathLike, mode: str = "w", *, encoding: Optional[str] = "utf-8") -> Iterator[IO]:
@@ -30,7 +42,7 @@ def atomic_writer(path: PathLike, mode: str = "w", *, encoding: Optional[str] = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+        with errors_name(path), os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -182,13 +194,20 @@ class AppendOnlyJsonl:
             if self._fd is None:
                 raise ValueError(f"{self.path}: append after close")
             view = memoryview(data)
-            while view:  # O_APPEND: one write() per line in practice; loop only on a short write
-                written = os.write(self._fd, view)
-                view = view[written:]
-            if self._interval <= 0:
-                os.fsync(self._fd)
-            else:
-                self._dirty.set()
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            with errors_name(self.path):
+                try:
+                    while view:  # O_APPEND: one write() per line in practice; loop only on a short write
+                        written = os.write(self._fd, view)
+                        view = view[written:]
+                except OSError:  # a full disk mid-line: the file keeps whole lines only
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, start)
+                    raise
+                if self._interval <= 0:
+                    os.fsync(self._fd)
+                else:
+                    self._dirty.set()
 
     def close(self) -> None:
         self._closed.set()

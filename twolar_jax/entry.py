@@ -12,21 +12,28 @@ TWOLAR_DEBUG=1) shows the traceback of user errors too.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
-from twolar_jax import host_heap
-from twolar_jax.errors import TwolarError
+from twolar_jax import console_noise, host_heap, user_paths
+from twolar_jax.errors import OptionError, TwolarError
 from twolar_jax.secrets import redact
 
 DEBUG_ENV = "TWOLAR_DEBUG"
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+# OSErrors that a user's path or disk causes (and fixes): shown as one line naming the path and, where
+# the path came from an option, the option.
+USER_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                         errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY,
+                         errno.EXDEV, errno.EFBIG, errno.ELOOP, errno.EMFILE})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _GIN_CALL = re.compile(r"In call to configurable '([^']+)'")
 _MISSING_ARGUMENT = re.compile(r"missing \d+ required (keyword-only |positional )?arguments?: ")
@@ -47,9 +54,11 @@ def _third_party_user_errors() -> tuple[type, ...]:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """True for errors a user fixes (bad input, option, path, binding); False for bugs."""
+    """True for errors a user fixes (bad input, option, path, binding, a full disk); False for bugs."""
     if isinstance(exc, (TwolarError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                         FileExistsError, json.JSONDecodeError, UnicodeDecodeError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
         return True
     if isinstance(exc, RuntimeError) and str(exc).startswith("Required bindings for"):  # gin.REQUIRED params
         return True
@@ -58,8 +67,23 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, _third_party_user_errors())
 
 
+def os_error_message(exc: OSError) -> str:
+    """`<option> <path>: <what the system said>`: the option the path came from when one was checked."""
+    names = [os.fsdecode(n) for n in (exc.filename, exc.filename2) if n]
+    what = exc.strerror or type(exc).__name__
+    if not names:
+        return what
+    for name in reversed(names):  # a rename's target names the user's path, its source a temp file
+        option = user_paths.option_for(name)
+        if option:
+            return f"{option} {name}: {what}"
+    return f"{names[0]}: {what}" + (f" (renaming to {names[1]})" if len(names) > 1 else "")
+
+
 def error_line(prog: str, exc: BaseException) -> str:
     """`prog: error: <first line of the message> [in <gin configurable>]`, secrets redacted, one line."""
+    if isinstance(exc, OSError) and not isinstance(exc, TwolarError) and exc.errno in USER_ERRNOS:
+        return redact(f"{prog}: error: {os_error_message(exc)}")
     text = str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     message = lines[0] if lines else type(exc).__name__
@@ -79,13 +103,60 @@ def debug_requested(argv: Sequence[str]) -> tuple[bool, list[str]]:
     return env or len(rest) != len(argv), rest
 
 
+def requested_log_level(argv: Sequence[str]) -> Optional[str]:
+    """The --log_level value in argv (upper-cased), before any parser runs; None when not given."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--log_level="):
+            return arg.split("=", 1)[1].upper()
+        if arg == "--log_level" and i + 1 < len(argv):
+            return argv[i + 1].upper()
+    return None
+
+
+_own_process = False  # a console command's own process (quiet_console ran), not a call from Python code
+
+
+def quiet_console(argv: Sequence[str]) -> None:
+    """For a process a console command runs: third-party chatter off stderr unless --log_level=DEBUG."""
+    global _own_process
+    _own_process = True
+    console_noise.install(requested_log_level(argv))
+
+
+NOTHING_SAVED = "nothing was written"
+_interrupt_note = NOTHING_SAVED
+
+
+def on_interrupt(note: str) -> None:
+    """What a Ctrl-C leaves saved, for the one line it prints (`scores so far are in X.scores.jsonl`)."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def interrupted_line(prog: str) -> str:
+    if _interrupt_note == NOTHING_SAVED:
+        return f"{prog}: interrupted: {NOTHING_SAVED}; run the same command again"
+    return f"{prog}: interrupted: {_interrupt_note}; run the same command again to resume"
+
+
 def run_console(prog: str, main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
-    """Call main(argv) and return its exit code (None: 0); user errors become one line on stderr and 2."""
-    debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    """Call main(argv) and return its exit code (None: 0); user errors become one line on stderr and 2,
+    Ctrl-C one line and 130. argv None means a process of its own (sys.argv): its console is quieted."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        quiet_console(raw)
+    debug, args = debug_requested(raw)
+    user_paths.forget()
+    on_interrupt(NOTHING_SAVED)
     try:
         return int(main(args) or 0)
-    except (KeyboardInterrupt, SystemExit):
+    except SystemExit:
         raise
+    except KeyboardInterrupt:
+        if debug:
+            print(redact("".join(traceback.format_exc())), file=sys.stderr, end="")
+        print(interrupted_line(prog), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - the one place that decides how an error is shown
         user = is_user_error(exc)
         if user and not debug:
@@ -123,10 +194,14 @@ def start(flags: argparse.Namespace) -> None:
     setup_logging(flags.log_level)
     if hasattr(flags, "host_heap"):
         host_heap.configure(flags.host_heap)
-    if hasattr(flags, "no_compile_cache") and not flags.no_compile_cache:
-        from twolar_jax.compile_cache import enable_compilation_cache
+    if hasattr(flags, "no_compile_cache"):
+        from twolar_jax import compile_cache
 
-        enable_compilation_cache()
+        if flags.no_compile_cache:
+            if _own_process:  # also for what the command builds later (the Reranker's stored programs)
+                os.environ[compile_cache.ENV] = "off"
+        else:
+            compile_cache.enable_compilation_cache()
 
 
 # -------------------------------------------------------------------------------------------- help
@@ -162,7 +237,26 @@ def gin_help(*prefixes: str, note: str = "") -> str:
     return "\n".join(lines + (["", note] if note else []))
 
 
-def parser_with_gin_help(prog: str, description: str, *prefixes: str, note: str = "") -> argparse.ArgumentParser:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are OptionErrors: `prog: error: ...` on one line, exit 2, no usage block
+    (run_console prints it; --help still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise OptionError(f"{message} ({self.prog} --help lists the flags)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
+def parser_with_gin_help(prog: str, description: str, *prefixes: str, note: str = "") -> ArgumentParser:
     """An ArgumentParser whose --help ends with gin_help(*prefixes)."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=gin_help(*prefixes, note=note),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    return ArgumentParser(prog=prog, description=description, epilog=gin_help(*prefixes, note=note),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)

@@ -181,6 +181,15 @@ def _gin_errors(where: str):
         raise GinConfigError(describe_gin_error(exc, where)) from exc
 
 
+def is_bound(name: str) -> bool:
+    """Whether a gin parameter (`scope/fn.param`) or macro (`NAME`) is bound, without evaluating it."""
+    try:
+        gin.query_parameter(name if "." in name else f"%{name}")
+    except ValueError:
+        return False
+    return True
+
+
 def query(name: str) -> Any:
     """The value of a gin parameter (`scope/fn.param`) or a macro (`NAME`), following macro references."""
     value = gin.query_parameter(name if "." in name else f"%{name}")

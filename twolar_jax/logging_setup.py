@@ -23,5 +23,12 @@ def setup_logging(level: str = "INFO") -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
         handler.setFormatter(RedactingFormatter(FORMAT))  # tracebacks too, not only the message
-    for noisy in ("httpx", "httpcore", "openai", "absl", "jax._src", "orbax"):
+    for noisy in ("httpx", "httpcore", "openai", "jax._src", "orbax", "tensorflow", "transformers",
+                  "sentence_transformers", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(name)))
+    # absl's Python logger carries orbax's and TensorFlow's notes ("Given directory is read only" for every
+    # read-only restore): errors only, unless DEBUG.
+    logging.getLogger("absl").setLevel(logging.DEBUG if name == "DEBUG" else logging.ERROR)
+    # Libraries' Python warnings (deprecations, version notes) reach the console only at DEBUG: a user
+    # cannot act on them (console_noise routes them into logging).
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if name == "DEBUG" else logging.ERROR)

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from twolar_jax import checkpointing, entry, gin_utils, partitioning, stop_signals, summaries, trainer
+from twolar_jax import (checkpointing, entry, gin_utils, partitioning, stop_signals, summaries, trainer,
+                        user_paths)
 from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.errors import OptionError, check_choice
 from twolar_jax.model.config import T5Config
@@ -238,6 +239,24 @@ def _gin_model_dir() -> str:
     raise OptionError("--export_only needs --model_dir=DIR (or --gin.MODEL_DIR=\"'DIR'\")")
 
 
+def _check_before_writing(flags: argparse.Namespace) -> None:
+    """Before train() creates MODEL_DIR: the output paths can be written, and the run's distillation files
+    (gin's DISTILL_FILES, whose construction validates them) are there, readable and not empty; the model
+    config first, which costs nothing."""
+    if gin_utils.is_bound("MODEL_CONFIG"):
+        resolve_model_config(gin_utils.query("MODEL_CONFIG"))
+    try:
+        model_dir = _gin_model_dir()
+    except OptionError:
+        model_dir = None  # train() names the missing MODEL_DIR
+    if model_dir:
+        user_paths.check_output("--model_dir" if flags.model_dir else "MODEL_DIR", model_dir, kind="dir")
+    if flags.export_hf:
+        user_paths.check_output("--export_hf", flags.export_hf, kind="dir")
+    if gin_utils.is_bound("DISTILL_FILES"):
+        gin_utils.query("DISTILL_FILES")
+
+
 def main(argv: Sequence[str]) -> int:
     """Flags and gin from argv, then train (or only export); see console_main for how errors are shown."""
     files, bindings, paths, rest = gin_utils.split_gin_args(argv)
@@ -256,6 +275,8 @@ def main(argv: Sequence[str]) -> int:
         print(_export_only(flags, files, bindings, paths))
         return 0
     gin_utils.parse_gin_flags(files, bindings + _flag_bindings(flags), paths)
+    _check_before_writing(flags)
+    entry.on_interrupt("no step was saved")
     result = train_fn(**({"export_hf_dir": flags.export_hf} if flags.export_hf else {}))
     if result.stopped_by:
         print(f"stopped at step {result.step} by {result.stopped_by}: its checkpoint is saved in "

@@ -216,7 +216,7 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
              groups_without_pairs: str = "error", stop: Optional[StopRequest] = None) -> LoopResult:
     """Steps from the start state to total_steps (or until the data runs out, or `stop` says so after a
     step: the caller then saves that step), checkpointing and validating."""
-    from tqdm.auto import tqdm
+    from twolar_jax.progress import progress_bar
 
     pair_check = PairCheck(groups_without_pairs)
 
@@ -228,8 +228,8 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
     step_fn, window, last_train, stopped_early, stopped_by = None, MetricsWindow(), {}, False, None
     iterator = iter(train_batches(shard_index=jax.process_index(), num_shards=jax.process_count(),
                                   skip_batches=consumed)) if step < total_steps else iter(())
-    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True,
-               disable=not (logging_config.progress and jax.process_index() == 0))
+    bar = progress_bar(total=total_steps, initial=step, desc="train",
+                       disable=not (logging_config.progress and jax.process_index() == 0))
     try:
         while step < total_steps:
             try:
@@ -262,6 +262,9 @@ def run_loop(setup: RunSetup, start: StartState, *, train_batches: BatchSource, 
                 break
             if validator.due(step):
                 validator(step, state.params)
+    except BaseException:
+        bar.fail()
+        raise
     finally:
         bar.close()
         if window.pending:  # also on an interrupt: keep the metrics of the steps that did run

@@ -61,7 +61,10 @@ def resolve_model_config(model: str | T5Config | Mapping[str, Any],
         if isinstance(model, T5Config):
             config = model
         elif isinstance(model, str):
-            config = preset(model)
+            try:
+                config = preset(model)
+            except OptionError as e:  # preset names its gin binding (model_preset.name); here it is train.model
+                raise OptionError(f"train.model={model!r}: {str(e).split(': ', 1)[-1]}") from None
         elif isinstance(model, Mapping):
             config = T5Config.from_dict(model)
         else:

@@ -36,6 +36,7 @@ from data_pipeline.seqio_input import preprocessors as prep
 from data_pipeline.seqio_input.tf_env import tf
 from data_pipeline.seqio_input.vocab import get_vocabulary
 from twolar_jax import gin_utils
+from twolar_jax.errors import FormatError, MissingFileError
 from twolar_jax.groups import DEFAULT_GROUP_SIZE, check_group_options
 from twolar_jax.tokenizer import DEFAULT_MAX_LENGTH, check_encoding_options
 
@@ -201,6 +202,11 @@ def register_distill_tasks(*, train_path: PathLike, validation_path: Optional[Pa
     splits = {"train": load_index(train_path, skip_invalid=skip_invalid)}
     if validation_path is not None:
         splits["validation"] = load_index(validation_path, skip_invalid=skip_invalid)
+    for split, index in splits.items():
+        if not len(index):
+            what = "every line was invalid (skip_invalid)" if skip_invalid and os.path.getsize(index.path) else \
+                "no records: the file is empty"
+            raise FormatError(index.path, None, None, f"{what}; the {split} split needs at least one query")
     features = output_features(vocabulary_path)
     names = []
     variants = [(prefix, None)] + [(f"{prefix}_{qt}", qt) for qt in query_types]
@@ -227,7 +233,7 @@ def register_distill_tasks(*, train_path: PathLike, validation_path: Optional[Pa
         # The paper's 1:1 crop/doct5query, over the types this file has (a set of one type still trains).
         rates = {qt: r for qt, r in DEFAULT_MIXTURE_RATES.items() if available.get(qt) and qt in query_types}
         if not rates:
-            logger.info("%s_mix not registered: %s has none of the default mixture's query types %s (found %s)",
+            logger.debug("%s_mix not registered: %s has none of the default mixture's query types %s (found %s)",
                         prefix, train_path, sorted(DEFAULT_MIXTURE_RATES), available)
             return names
     else:
@@ -283,6 +289,14 @@ class DistillFiles:
     padding: str = "mask"
     skip_invalid: bool = False
     mixture_rates: Optional[Mapping[str, float]] = None
+
+    def __post_init__(self) -> None:
+        """Validate the files when gin builds this, before train() writes anything: a missing, empty or
+        malformed file fails here, naming the file (and line), not after the model directory exists."""
+        for option, path in (("DISTILL_JSONL", self.train_path), ("VALIDATION_JSONL", self.validation_path)):
+            if path and not os.path.isfile(path):
+                raise MissingFileError(f"{path}: no such distillation file ({option})")
+        self.register()
 
     def _key(self) -> tuple:
         stats = tuple((os.path.abspath(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)

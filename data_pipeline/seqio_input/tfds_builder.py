@@ -10,17 +10,28 @@ then `tasks.register_distill_tfds_tasks(data_dir=DIR)`.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import tensorflow_datasets as tfds
-from etils import epath
+from twolar_jax import entry, user_paths
+from twolar_jax.errors import FormatError
 
-from data_pipeline.distill_format import read_distill_jsonl
-from data_pipeline.seqio_input.tf_env import tf
+if __name__ == "__main__":
+    # Quiet the console before TensorFlow loads, then run the module under its own name: TFDS locates a
+    # builder by its class's package, which `__main__` is not.
+    entry.quiet_console(sys.argv[1:])
+    from data_pipeline.seqio_input.tfds_builder import main as _real_main
+
+    sys.exit(_real_main())
+
+import tensorflow_datasets as tfds  # noqa: E402
+from etils import epath  # noqa: E402
+
+from data_pipeline.distill_format import read_distill_jsonl  # noqa: E402
+from data_pipeline.seqio_input.tf_env import tf  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
@@ -104,15 +115,33 @@ def build_tfds(*, train_path: PathLike, data_dir: PathLike,
     return builder
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train_path", required=True)
-    parser.add_argument("--validation_path")
-    parser.add_argument("--data_dir", required=True)
+def _check_distill_file(option: str, path: str) -> None:
+    """Before TFDS writes anything: the file is there, every line is valid, and it has a record (errors
+    name the user's file, not the symlink the builder reads it through)."""
+    user_paths.check_input(option, path)
+    if not sum(1 for _ in read_distill_jsonl(path)):
+        raise FormatError(path, None, None, f"no records: the file is empty ({option})")
+
+
+def _main(argv: list[str]) -> int:
+    parser = entry.ArgumentParser(prog="python -m data_pipeline.seqio_input.tfds_builder",
+                                  description=__doc__.splitlines()[0])
+    parser.add_argument("--train_path", required=True, help="the training split's distillation JSONL")
+    parser.add_argument("--validation_path", help="the validation split's distillation JSONL")
+    parser.add_argument("--data_dir", required=True, help="the TFDS data dir to prepare the dataset in")
+    entry.add_common_flags(parser, compile_cache=False)
     args = parser.parse_args(argv)
+    for option, path in (("--train_path", args.train_path), ("--validation_path", args.validation_path)):
+        if path:
+            _check_distill_file(option, path)
+    user_paths.check_output("--data_dir", args.data_dir, kind="dir")
+    entry.start(args)
     builder = build_tfds(train_path=args.train_path, validation_path=args.validation_path, data_dir=args.data_dir)
     print(builder.info.splits)
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """0, or 2 with one line on stderr naming the file, line, field or option (--debug: the traceback)."""
+    return entry.run_console("python -m data_pipeline.seqio_input.tfds_builder", _main, argv)
+

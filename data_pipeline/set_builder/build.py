@@ -108,7 +108,7 @@ def candidate_stage(*, queries, corpus: Corpus, retrievers: Mapping[str, Retriev
                     depth: int, k: int, quotas, batch_size: int, state: ManifestState, progress: bool) -> None:
     """Candidates for every query not yet in candidates.jsonl. A batch already on disk is skipped; a
     half-written one (a kill mid-batch) is retrieved whole again and only its missing lines are appended."""
-    from tqdm import tqdm
+    from twolar_jax.progress import progress_bar
 
     repair_tail(path)
     done = read_candidates(path)
@@ -122,7 +122,7 @@ def candidate_stage(*, queries, corpus: Corpus, retrievers: Mapping[str, Retriev
     for name, retriever in retrievers.items():
         log.info("preparing retriever %s", name)
         retriever.prepare(corpus, work_dir)
-    with AppendOnlyJsonl(path) as sink, tqdm(total=pending, desc="retrieve", unit="query",
+    with AppendOnlyJsonl(path) as sink, progress_bar(total=pending, desc="retrieve", unit="query",
                                             disable=not progress, dynamic_ncols=True) as bar:
         for batch in retrieval_batches(queries, batch_size):
             missing = [q for q in batch if q.qid not in done]

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from data_pipeline.set_builder.build import MANIFEST
 from data_pipeline.set_builder.configurables import register_build
-from twolar_jax import entry, gin_utils
+from twolar_jax import entry, gin_utils, user_paths
 from twolar_jax.secrets import redact
 
 log = logging.getLogger("data_pipeline.build")
@@ -39,12 +39,31 @@ def _flags(argv: Sequence[str]):
     return parser.parse_args(list(argv))
 
 
+def _bound(name: str) -> Optional[str]:
+    """A bound path (str), or None (unbound, or a %gin.REQUIRED macro the build will name)."""
+    value = gin_utils.query(name) if gin_utils.is_bound(name) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _check_paths() -> None:
+    """Before anything is read or written: the output folder can be made, the corpus is there."""
+    output_dir = _bound("build.output_dir")
+    if output_dir:
+        user_paths.check_output("OUTPUT_DIR" if gin_utils.is_bound("OUTPUT_DIR") else "build.output_dir",
+                                output_dir, kind="dir")
+        entry.on_interrupt(f"every finished query is in {output_dir}")
+    corpus = _bound("build.corpus_path")
+    if corpus:
+        user_paths.check_input("build.corpus_path", corpus)
+
+
 def _main(argv: list[str]) -> int:
     files, bindings, paths, rest = gin_utils.split_gin_args(argv)
     flags = _flags(rest)
     entry.start(flags)
     configured = register_build()
     gin_utils.parse_gin_flags(files, bindings, paths)
+    _check_paths()
     manifest = configured(write_gin_config=True)
     status = manifest["runs"][-1]["status"]
     labels = manifest["labelled"]

@@ -128,11 +128,11 @@ class OfflineTeacher:
     def rank_all(self, requests: Iterable[TeacherRequest], on_result: Callable[[TeacherResult], None], *,
                  work_dir: Path, total: int | None = None) -> RunStats:
         """Scores `group_size` queries per scorer call (when the scorer has `score_many`)."""
-        from tqdm import tqdm
+        from twolar_jax.progress import progress_bar
 
         run = RunStats()
         many = getattr(self.scorer, "score_many", None)
-        with tqdm(total=total, desc=f"teacher {self.model_name}", unit="query", disable=not self.progress,
+        with progress_bar(total=total, desc=f"teacher {self.model_name}", unit="query", disable=not self.progress,
                   dynamic_ncols=True) as pbar:
             group: list[TeacherRequest] = []
             for req in itertools.chain(requests, [None]):

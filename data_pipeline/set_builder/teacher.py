@@ -328,11 +328,11 @@ class ListwiseLLMTeacher:
 
     def rank_all(self, requests: Iterable[TeacherRequest], on_result: Callable[[TeacherResult], None], *,
                  work_dir: Path, total: int | None = None) -> RunStats:
-        from tqdm import tqdm
+        from twolar_jax.progress import progress_bar
 
         self.open_cache(work_dir)
         run = RunStats()
-        with tqdm(total=total, desc=f"teacher {self.model_name}", unit="query", disable=not self.progress,
+        with progress_bar(total=total, desc=f"teacher {self.model_name}", unit="query", disable=not self.progress,
                   dynamic_ncols=True) as pbar:
             try:
                 asyncio.run(self._rank_all(iter(requests), on_result, run, pbar))

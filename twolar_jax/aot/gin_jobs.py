@@ -218,8 +218,7 @@ def score_job(*, batch_size: int, max_length: int, dtype: Optional[str]) -> Scor
     """The scoring function for the parsed gin files' model (MODEL_CONFIG), mesh and rules."""
     from twolar_jax.train_setup import resolve_model_config
 
-    model = _bound("MODEL_CONFIG", None) or _train_arg("model")
-    config = resolve_model_config(model)
+    config = resolve_model_config(_train_model())  # never train()'s default 'tiny' when no file names a model
     if dtype is not None:
         config = config.replace(dtype=dtype)
     if batch_size < 1 or max_length < 1:

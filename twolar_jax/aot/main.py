@@ -21,7 +21,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator, Optional, Sequence  # noqa: E402
 
-from twolar_jax import entry, gin_utils  # noqa: E402
+from twolar_jax import entry, gin_utils, user_paths  # noqa: E402
 from twolar_jax.aot import gin_jobs, topology  # noqa: E402
 from twolar_jax.aot.report import Report  # noqa: E402
 from twolar_jax.model.config import COMPUTE_DTYPES  # noqa: E402
@@ -61,8 +61,8 @@ def _flags(argv: Sequence[str]) -> argparse.Namespace:
              "checkpoint.")
     parser.add_argument("--topology", required=True, help=f"the TPU slice: {topology.TOPOLOGY_FORM}")
     parser.add_argument("--job", choices=JOBS, default="train", help="what to compile (all: train, then score)")
-    parser.add_argument("--batch_size", type=int, default=32, help="score job: rows of token ids per call")
-    parser.add_argument("--max_length", type=int, default=512, help="score job: tokens per row")
+    parser.add_argument("--batch_size", type=entry.positive_int, default=32, help="score job: rows of token ids per call")
+    parser.add_argument("--max_length", type=entry.positive_int, default=512, help="score job: tokens per row")
     parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
                         help="score job: compute and parameter dtype (default: the model's COMPUTE_DTYPE)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per job instead")
@@ -78,6 +78,7 @@ def _main(argv: list[str]) -> int:
     entry.start(flags)
     jobs = ("train", "score") if flags.job == "all" else (flags.job,)
     if flags.dump_dir:
+        user_paths.check_output("--dump_dir", flags.dump_dir, kind="dir")
         Path(flags.dump_dir).mkdir(parents=True, exist_ok=True)
     for report in compile_jobs(topology_name=flags.topology, jobs=jobs, gin_files=files, gin_bindings=bindings,
                                search_paths=paths, batch_size=flags.batch_size, max_length=flags.max_length,

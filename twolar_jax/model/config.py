@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from twolar_jax.errors import CheckpointError
+from twolar_jax.errors import CheckpointError, OptionError
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu")
 # transformers' `dense_act_fn` names of the tanh-approximated GELU our gated-gelu computes (HF forces gelu_new).
@@ -244,8 +244,17 @@ PRESETS["tiny"] = PRESETS["flan-t5-small"].replace(
 
 def preset(name: str, **overrides: Any) -> T5Config:
     """A named preset, optionally with fields replaced (e.g. dtype="bfloat16"). The gin files' spelling
-    (`flan_t5_small`) names the same preset as the hub's (`flan-t5-small`)."""
+    (`flan_t5_small`) names the same preset as the hub's (`flan-t5-small`).
+    Bad names, fields and values are OptionErrors naming the gin binding (`model_preset.dtype=...`).
+    """
     key = name.replace("_", "-") if isinstance(name, str) else name
     if key not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[key].replace(**overrides) if overrides else PRESETS[key]
+        raise OptionError(f"model_preset.name={name!r}: unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    fields = [f.name for f in dataclasses.fields(T5Config)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise OptionError(f"model_preset.{unknown[0]}: not a T5Config field; the fields are {fields}")
+    try:
+        return PRESETS[key].replace(**overrides) if overrides else PRESETS[key]
+    except ValueError as e:
+        raise OptionError(str(e).replace("T5Config.", "model_preset.", 1)) from None
