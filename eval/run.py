@@ -236,10 +236,11 @@ def _measures_for(measures: Optional[Sequence[str]], depth: int) -> tuple[str, .
 
 
 def register_configurables() -> Any:
-    """Register `evaluate` (and the library's configurables) with gin, idempotently; returns it configured."""
+    """Register `evaluate` (and the model presets and shipped-data paths) with gin, idempotently; returns it
+    configured. Not the training option objects: an eval job loads no optimizer, trainer or orbax."""
     from twolar_jax import configurables
 
-    configurables.register_library()
+    configurables.register_resources()
     gin_utils.register(FirstStage, module="eval")
     return gin_utils.register(evaluate, name="evaluate")
 

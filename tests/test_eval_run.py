@@ -276,3 +276,21 @@ def test_sharded_scoring_eval_job_through_a_mesh_gin_file(tmp_path, data_dir):
     for qid, docs in runs_written[0].items():
         assert list(docs) == list(runs_written[1][qid])
         np.testing.assert_allclose(list(docs.values()), list(runs_written[1][qid].values()), rtol=0, atol=1e-5)
+
+
+def test_eval_run_import_and_gin_setup_load_no_trainer_or_optimizer():
+    """`import eval.run` and registering and parsing an eval job's gin files (a mesh file too) leave optax,
+    orbax, TensorFlow and the trainer out of the process: an eval job needs none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, eval.run\n"
+            "eval.run.register_configurables()\n"
+            "from twolar_jax import gin_utils\n"
+            "gin_utils.parse_gin_flags(['eval/trec_dl19.gin', 'mesh/fsdp.gin'], [\"evaluate.mode = 'bm25'\"])\n"
+            "heavy = ('optax', 'orbax.checkpoint', 'tensorflow', 'twolar_jax.trainer', 'twolar_jax.train_loop',\n"
+            "         'twolar_jax.optimizers')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

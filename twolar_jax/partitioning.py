@@ -116,6 +116,25 @@ def _mesh_axes_of(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def check_rules(rules: Any, *, option: str = "logical_axis_rules") -> tuple[tuple[str, Any], ...]:
+    """The rule table (None: gin/mesh/rules.gin) normalized, and checked to name only this project's mesh
+    axes; errors name `option` and the bad rule. The one public check for any caller that takes rules."""
+    if rules is None:
+        return load_logical_axis_rules()
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise OptionError(f"{option}={rules!r}: expected a sequence of (logical_name, mesh_axes)")
+    try:
+        rules = normalize_rules(rules)
+    except OptionError as e:
+        raise OptionError(f"{option}: {e}") from None
+    for name, target in rules:
+        unknown = [a for a in _mesh_axes_of(target) if a not in MESH_AXES]
+        if unknown:
+            raise OptionError(f"{option}: rule ({name!r}, {target!r}) names mesh axes {unknown}; "
+                              f"the mesh has {MESH_AXES}")
+    return rules
+
+
 def logical_to_spec(
     logical_axes: PartitionSpec | Sequence[str | None],
     rules: LogicalRules,

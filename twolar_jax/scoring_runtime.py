@@ -52,20 +52,7 @@ def check_mesh_shape(mesh_shape: Any, num_devices: int) -> tuple[int, ...]:
 
 def check_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
     """The rule table (default: gin/mesh/rules.gin), checked to name only mesh axes that exist."""
-    if rules is None:
-        return partitioning.load_logical_axis_rules()
-    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise OptionError(f"logical_axis_rules={rules!r}: expected a sequence of (logical_name, mesh_axes)")
-    try:
-        rules = partitioning.normalize_rules(rules)
-    except OptionError as e:
-        raise OptionError(f"logical_axis_rules: {e}") from None
-    for name, target in rules:
-        unknown = [a for a in partitioning._mesh_axes_of(target) if a not in partitioning.MESH_AXES]
-        if unknown:
-            raise OptionError(f"logical_axis_rules: rule ({name!r}, {target!r}) names mesh axes {unknown}; "
-                              f"the mesh has {partitioning.MESH_AXES}")
-    return rules
+    return partitioning.check_rules(rules)
 
 
 def build_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device]) -> Mesh:

@@ -276,7 +276,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     gin_utils.parse_gin_flags(files, bindings + _flag_bindings(flags), paths)
     _check_before_writing(flags)
-    entry.on_interrupt("no step was saved")
+    entry.on_interrupt(f"no step since the last checkpoint in {_gin_model_dir()} was saved")
     result = train_fn(**({"export_hf_dir": flags.export_hf} if flags.export_hf else {}))
     if result.stopped_by:
         print(f"stopped at step {result.step} by {result.stopped_by}: its checkpoint is saved in "
