@@ -239,10 +239,10 @@ def _gin_model_dir() -> str:
     raise OptionError("--export_only needs --model_dir=DIR (or --gin.MODEL_DIR=\"'DIR'\")")
 
 
-def _check_before_writing(flags: argparse.Namespace) -> None:
+def _check_before_writing(flags: argparse.Namespace) -> Optional[str]:
     """Before train() creates MODEL_DIR: the output paths can be written, and the run's distillation files
     (gin's DISTILL_FILES, whose construction validates them) are there, readable and not empty; the model
-    config first, which costs nothing."""
+    config first, which costs nothing. Returns MODEL_DIR as gin binds it (None: train() names it missing)."""
     if gin_utils.is_bound("MODEL_CONFIG"):
         resolve_model_config(gin_utils.query("MODEL_CONFIG"))
     try:
@@ -255,6 +255,7 @@ def _check_before_writing(flags: argparse.Namespace) -> None:
         user_paths.check_output("--export_hf", flags.export_hf, kind="dir")
     if gin_utils.is_bound("DISTILL_FILES"):
         gin_utils.query("DISTILL_FILES")
+    return model_dir
 
 
 def main(argv: Sequence[str]) -> int:
@@ -275,8 +276,8 @@ def main(argv: Sequence[str]) -> int:
         print(_export_only(flags, files, bindings, paths))
         return 0
     gin_utils.parse_gin_flags(files, bindings + _flag_bindings(flags), paths)
-    _check_before_writing(flags)
-    entry.on_interrupt(f"no step since the last checkpoint in {_gin_model_dir()} was saved")
+    model_dir = _check_before_writing(flags)
+    entry.on_interrupt(f"no step since the last checkpoint in {model_dir or 'MODEL_DIR'} was saved")
     result = train_fn(**({"export_hf_dir": flags.export_hf} if flags.export_hf else {}))
     if result.stopped_by:
         print(f"stopped at step {result.step} by {result.stopped_by}: its checkpoint is saved in "
