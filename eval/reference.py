@@ -28,11 +28,11 @@ def load_reference(path: str | Path = REFERENCE_FILE) -> dict:
 def reproduce(name: str, *, data_dir: str | None = None, cache_dir: str | None = None,
               output_dir: str | None = None) -> dict[str, float]:
     """The bm25-mode scores of one reference dataset, computed now."""
-    from eval.run import evaluate
+    from eval.run import FirstStage, evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         return evaluate(output_dir=output_dir or tmp, datasets=[name], data_dir=data_dir, mode="bm25",
-                        cache_dir=cache_dir)[name]
+                        first_stage=FirstStage(cache_dir=cache_dir))[name]
 
 
 def compare(name: str, entry: dict, got: dict[str, float]) -> list[str]:

@@ -1,6 +1,6 @@
 """The evaluation job: first stage, rerank top-k through `Reranker`, run files, metrics, tables.
 
-    twolar-eval --gin_file=eval/trec_dl19.gin --gin.evaluate.checkpoint="'/path/model'"
+    twolar-eval --gin_file=eval/trec_dl19.gin --gin.RerankerConfig.checkpoint="'/path/model'"
     python -m eval.run --gin_file=eval/beir.gin --gin.evaluate.mode="'bm25'"
 
 Outputs under output_dir: <dataset>/run.trec (reranked, or the first stage in bm25 mode),
@@ -37,9 +37,10 @@ MODES = ("rerank", "bm25")
 
 @dataclasses.dataclass(frozen=True)
 class FirstStage:
-    """How candidates are found: BM25 over BEIR corpora (or the shipped TREC DL candidates), or run files."""
+    """How candidates are found (gin: `evaluate.first_stage = @FirstStage()`): BM25 over BEIR corpora (or
+    the shipped TREC DL candidates), or run files. depth None: as deep as evaluate's top_k."""
 
-    depth: int
+    depth: Optional[int] = None
     split: str = "test"
     k1: float = 0.9
     b: float = 0.4
@@ -47,6 +48,46 @@ class FirstStage:
     cache_dir: Optional[str] = None
     threads: int = 1
     runs: Mapping[str, str] = dataclasses.field(default_factory=dict)  # dataset name -> TREC run file
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankerConfig:
+    """The checkpoint an eval job reranks with and how it scores (gin: `evaluate.reranker = @RerankerConfig()`).
+
+    checkpoint: our MODEL_DIR (its latest step), an HF T5 dir or a hub id. mesh_shape (data, fsdp, model)
+    lays the parameters out by the training rules: (1, -1, 1) is fsdp over every device."""
+
+    checkpoint: Optional[str] = None
+    score_head: str = "difference"
+    dtype: str = "float32"
+    batch_size: int = 32
+    max_length: int = 512
+    truncation: str = "document"
+    mesh_shape: Sequence[int] = (-1, 1, 1)
+
+    def check(self) -> None:
+        """Every field, named as a gin binding (`RerankerConfig.dtype='float16': ...`)."""
+        from twolar_jax.model.config import COMPUTE_DTYPES
+        from twolar_jax.scoring import SCORE_HEADS
+        from twolar_jax.tokenizer import TRUNCATION_MODES
+
+        for name, choices in (("score_head", SCORE_HEADS), ("dtype", COMPUTE_DTYPES),
+                              ("truncation", TRUNCATION_MODES)):
+            check_choice(f"RerankerConfig.{name}", getattr(self, name), choices)
+        for name in ("batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"RerankerConfig.{name}={value!r}: expected an integer >= 1")
+        _check_mesh_shape(self.mesh_shape)
+
+    def load(self) -> tuple[PairScorer, dict]:
+        """(the Reranker, the model half of its score-log key)."""
+        if not self.checkpoint:
+            raise OptionError("evaluate.mode='rerank' needs RerankerConfig.checkpoint: "
+                              "--gin.RerankerConfig.checkpoint=\"'DIR'\" (or --gin.evaluate.mode=\"'bm25'\")")
+        return load_keyed_reranker(self.checkpoint, score_head=self.score_head, dtype=self.dtype,
+                                   batch_size=self.batch_size, max_length=self.max_length,
+                                   truncation=self.truncation, mesh_shape=self.mesh_shape)
 
 
 def load_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
@@ -140,24 +181,9 @@ def evaluate(
     datasets: Sequence[str] = ("trec_dl/dl19",),
     data_dir: Optional[str] = None,
     mode: str = "rerank",
-    checkpoint: Optional[str] = None,
-    reranker: Optional[PairScorer] = None,
-    score_head: str = "difference",
-    dtype: str = "float32",
-    batch_size: int = 32,
-    max_length: int = 512,
-    truncation: str = "document",
-    mesh_shape: Sequence[int] = (-1, 1, 1),
+    first_stage: FirstStage = FirstStage(),
+    reranker: RerankerConfig | PairScorer = RerankerConfig(),
     top_k: int = 100,
-    first_stage: Optional[FirstStage] = None,
-    first_stage_k: Optional[int] = None,
-    first_stage_runs: Optional[Mapping[str, str]] = None,
-    split: str = "test",
-    k1: float = 0.9,
-    b: float = 0.4,
-    remove_query: bool = True,
-    cache_dir: Optional[str] = None,
-    bm25_threads: int = 1,
     measures: Optional[Sequence[str]] = None,
     run_tag: str = "twolar",
     pairs_per_call: int = 1024,
@@ -166,32 +192,30 @@ def evaluate(
     """Evaluate one model (or the first stage alone with mode="bm25") on the named datasets.
 
     datasets: "trec_dl/dl19", "trec_dl/dl20", "beir/<name>", "beir/*" (every BEIR dir under data_dir/beir);
-    data_dir defaults to the shipped data. first_stage_runs: {dataset name: TREC run file} replaces BM25 /
-    the shipped candidates for that set. reranker: an in-memory object with `score_pairs` (tests,
-    notebooks); otherwise `checkpoint` is loaded. max_queries: keep only the first N judged queries (sorted
-    ids) of each set; metrics.json, results.md and results.json then say "N of <total>" queries.
-    measures: ir-measures names; None = default_measures(depth), recall named by the depth of the runs
-    (top_k reranked, or the first-stage depth in bm25 mode). Runs are ordered as trec_eval orders them.
-    Returns {dataset: {measure: mean}}; the tables also hold the BEIR average.
+    data_dir defaults to the shipped data. first_stage: how candidates are found (its `runs`, {dataset name:
+    TREC run file}, replace BM25 / the shipped candidates for those sets). reranker: a RerankerConfig (its
+    checkpoint is loaded), or an in-memory object with `score_pairs` (tests, notebooks). max_queries: keep
+    only the first N judged queries (sorted ids) of each set; metrics.json, results.md and results.json then
+    say "N of <total>" queries. measures: ir-measures names; None = default_measures(depth), recall named by
+    the depth of the runs (top_k reranked, or the first-stage depth in bm25 mode). Runs are ordered as
+    trec_eval orders them. Returns {dataset: {measure: mean}}; the tables also hold the BEIR average.
     """
     check_choice("evaluate.mode", mode, MODES)
     data_path = Path(data_dir) if data_dir else resources.data_dir()
     names = eval_sets.expand_names(list(datasets), data_path)
-    stage = first_stage or FirstStage(depth=first_stage_k or top_k, split=split, k1=k1, b=b,
-                                      remove_query=remove_query, cache_dir=cache_dir, threads=bm25_threads,
-                                      runs=dict(first_stage_runs or {}))
+    stage = first_stage if first_stage.depth is not None else dataclasses.replace(first_stage, depth=top_k)
     unknown = set(stage.runs) - set(names)
     if unknown:
-        raise OptionError(f"evaluate.first_stage_runs names datasets not evaluated: {sorted(unknown)}")
+        raise OptionError(f"FirstStage.runs names datasets not evaluated: {sorted(unknown)}")
     depth = stage.depth if mode == "bm25" else min(top_k, stage.depth)
     measures = _measures_for(measures, depth)
     resume_key = None  # scores.jsonl is reused only for the same checkpoint, settings and candidates
+    checkpoint = reranker.checkpoint if isinstance(reranker, RerankerConfig) else None
     if mode == "rerank" and reranker is None:
-        if not checkpoint:
-            raise OptionError("evaluate.mode='rerank' needs evaluate.checkpoint (or a reranker object)")
-        reranker, resume_key = load_keyed_reranker(checkpoint, score_head=score_head, dtype=dtype,
-                                                   batch_size=batch_size, max_length=max_length, truncation=truncation,
-                                                   mesh_shape=mesh_shape)
+        raise OptionError("evaluate.mode='rerank' needs a reranker (a RerankerConfig or an object with score_pairs)")
+    if mode == "rerank" and isinstance(reranker, RerankerConfig):
+        reranker.check()
+        reranker, resume_key = reranker.load()
     out = Path(output_dir)
     results: dict[str, dict[str, float]] = {}
     counts: dict[str, tuple[int, int]] = {}
@@ -236,18 +260,22 @@ def _measures_for(measures: Optional[Sequence[str]], depth: int) -> tuple[str, .
 
 
 def register_configurables() -> Any:
-    """Register `evaluate` (and the model presets and shipped-data paths) with gin, idempotently; returns it
-    configured. Not the training option objects: an eval job loads no optimizer, trainer or orbax."""
+    """Register `evaluate`, its two configs (and the model presets and shipped-data paths) with gin,
+    idempotently; returns it configured. Not the training option objects: an eval job loads no optimizer,
+    trainer or orbax."""
     from twolar_jax import configurables
 
     configurables.register_resources()
     gin_utils.register(FirstStage, module="eval")
+    gin_utils.register(RerankerConfig, module="eval")
     return gin_utils.register(evaluate, name="evaluate")
 
 
-EVAL_NOTE = ("rerank mode (the default) needs evaluate.checkpoint (an HF T5 dir or a training MODEL_DIR): "
-             "--gin.evaluate.checkpoint=\"'DIR'\"; every job needs --gin.evaluate.output_dir=\"'DIR'\"; "
-             "--gin.evaluate.mode=\"'bm25'\" scores the first stage alone.")
+EVAL_NOTE = ("rerank mode (the default) needs RerankerConfig.checkpoint (an HF T5 dir or a training MODEL_DIR): "
+             "--gin.RerankerConfig.checkpoint=\"'DIR'\"; every job needs --gin.evaluate.output_dir=\"'DIR'\"; "
+             "--gin.evaluate.mode=\"'bm25'\" scores the first stage alone. How candidates are found: FirstStage.* "
+             "(depth, split, k1, b, remove_query, cache_dir, threads, runs); how they are scored: RerankerConfig.* "
+             "(checkpoint, score_head, dtype, batch_size, max_length, truncation, mesh_shape).")
 
 
 def _flags(argv: Sequence[str]):
@@ -266,39 +294,34 @@ def _bound(name: str) -> Any:
 
 
 def check_bound_options() -> None:
-    """Validate evaluate's options where they are given (the gin bindings), before any data is read."""
-    from twolar_jax.model.config import COMPUTE_DTYPES
-    from twolar_jax.scoring import SCORE_HEADS
-    from twolar_jax.tokenizer import TRUNCATION_MODES
-
-    for name, choices in (("evaluate.mode", MODES), ("evaluate.score_head", SCORE_HEADS),
-                          ("evaluate.dtype", COMPUTE_DTYPES), ("evaluate.truncation", TRUNCATION_MODES)):
-        value = _bound(name)
-        if value is not None:
-            check_choice(name, value, choices)
+    """Validate the job's options where they are given (the gin bindings), before any data is read."""
+    mode = _bound("evaluate.mode")
+    if mode is not None:
+        check_choice("evaluate.mode", mode, MODES)
     if not _bound("evaluate.output_dir"):
         raise OptionError("evaluate.output_dir is required: --gin.evaluate.output_dir=\"'DIR'\"")
     user_paths.check_output("evaluate.output_dir", _bound("evaluate.output_dir"), kind="dir")
     if _bound("evaluate.data_dir"):
         user_paths.check_input("evaluate.data_dir", _bound("evaluate.data_dir"), kind="dir")
-    if (_bound("evaluate.mode") or "rerank") == "rerank" and not _bound("evaluate.checkpoint"):
-        raise OptionError("evaluate.mode='rerank' needs evaluate.checkpoint: --gin.evaluate.checkpoint=\"'DIR'\" "
-                          "(or --gin.evaluate.mode=\"'bm25'\")")
-    for name in ("evaluate.top_k", "evaluate.batch_size", "evaluate.max_length"):
+    for name in ("evaluate.top_k", "evaluate.max_queries", "evaluate.pairs_per_call"):
         value = _bound(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise OptionError(f"{name}={value!r}: expected an integer >= 1")
-    if (_bound("evaluate.mode") or "rerank") == "rerank":
-        _check_mesh_shape(_bound("evaluate.mesh_shape"))
+    reranker = _bound("evaluate.reranker")
+    if (mode or "rerank") == "rerank" and isinstance(reranker, RerankerConfig):
+        reranker.check()
+        if not reranker.checkpoint:
+            raise OptionError("evaluate.mode='rerank' needs RerankerConfig.checkpoint: "
+                              "--gin.RerankerConfig.checkpoint=\"'DIR'\" (or --gin.evaluate.mode=\"'bm25'\")")
 
 
 def _check_mesh_shape(shape: Any) -> None:
-    """evaluate.mesh_shape: three sizes over (data, fsdp, model) that the devices can fill."""
+    """RerankerConfig.mesh_shape: three sizes over (data, fsdp, model) that the devices can fill."""
     if shape is None:
         return
     if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in shape):
-        raise OptionError(f"evaluate.mesh_shape={shape!r}: expected three integers (data, fsdp, model), "
+        raise OptionError(f"RerankerConfig.mesh_shape={shape!r}: expected three integers (data, fsdp, model), "
                           "one of them may be -1")
     import jax
 
@@ -307,7 +330,7 @@ def _check_mesh_shape(shape: Any) -> None:
     try:
         fill_mesh_shape(tuple(shape), jax.device_count())
     except OptionError as e:
-        raise OptionError(f"evaluate.mesh_shape: {e}") from None
+        raise OptionError(f"RerankerConfig.mesh_shape: {e}") from None
 
 
 def _main(argv: list[str]) -> int:

@@ -106,7 +106,9 @@ def open_score_log(log_path: Path, meta_path: Path, key: Optional[dict]) -> Path
             why = f"no record of what wrote it ({meta_path.name} missing)"
         else:
             why = ", ".join(_changed(old, key)) + " changed"
-        log.warning("%s: not resuming, scoring afresh: %s", log_path, why)
+        # An in-memory scorer is never resumed, by design: not worth a warning on every run.
+        log.log(logging.INFO if key is None else logging.WARNING, "%s: not resuming, scoring afresh: %s",
+                log_path, why)
         log_path.unlink()
     if key is not None:
         write_json_atomic(meta_path, key, sort_keys=False)

@@ -11,7 +11,7 @@ import pytest
 from console_cases import TEST_ONLY_ENV, visible_lines
 from twolar_jax.demo import SYSTEMS, ScorerAsPairScorer
 
-NATIVE_CHATTER = re.compile(r"^[IWEF]\d{4} |absl|cuInit|CUDA|cuda|libtpu|TPU|SLF4J|oneDNN|InitGoogle|Source Location")
+NATIVE_CHATTER = re.compile(r"^[IWEF]\d{4} |absl|cuInit|CUDA|cuda|libtpu|TPU|SLF4J|oneDNN|InitGoogle|Source Location|^INFO: |org\.apache")
 
 
 class _CountingScorer:

@@ -1,4 +1,5 @@
 """The evaluation job end to end: rerank path (fake scorer and a real tiny Reranker), resume, gin entry."""
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,7 @@ import pytest
 from eval import rerank as rerank_mod
 from retrieval import readers, runs
 from twolar_jax.errors import FormatError
-from eval.run import console_main, evaluate
+from eval.run import FirstStage, RerankerConfig, console_main, evaluate
 
 
 def test_import_gives_our_package(repo_root):
@@ -118,7 +119,7 @@ def test_beir_with_run_file_first_stage(tmp_path):
     run_a = runs.write_trec_run(tmp_path / "a.trec", {"1": {"aa5": 2.0, "aa0": 1.0}, "2": {"aa2": 3.0, "aa1": 1.0}})
     run_b = runs.write_trec_run(tmp_path / "b.trec", {"1": {"bb0": 2.0}, "2": {"bb1": 3.0, "bb2": 1.0}})
     res = evaluate(output_dir=str(tmp_path / "out"), datasets=["beir/*"], data_dir=str(data), mode="bm25",
-                   first_stage_runs={"beir/aa": str(run_a), "beir/bb": str(run_b)}, measures=["RR@10"])
+                   first_stage=FirstStage(runs={"beir/aa": str(run_a), "beir/bb": str(run_b)}), measures=["RR@10"])
     assert res == {"beir/aa": {"RR@10": 0.75}, "beir/bb": {"RR@10": 0.75}}
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert rows[-1] == {"dataset": "BEIR average (2)", "RR@10": 0.75}
@@ -128,7 +129,7 @@ def test_beir_with_run_file_first_stage(tmp_path):
             return np.array([len(set(q.split()) & set(d.split())) for q, d in zip(queries, docs)], np.float32)
 
     res = evaluate(output_dir=str(tmp_path / "out2"), datasets=["beir/aa"], data_dir=str(data), reranker=TitleMatch(),
-                   first_stage_runs={"beir/aa": str(run_a)}, measures=["RR@10"])
+                   first_stage=FirstStage(runs={"beir/aa": str(run_a)}), measures=["RR@10"])
     per_query = json.loads((tmp_path / "out2" / "beir_aa" / "metrics.json").read_text())["per_query"]
     assert per_query["1"]["RR@10"] == 1.0  # aa0 ("alpha beta ...") now beats aa5 ("zeta alpha ...")
     assert per_query["2"]["RR@10"] == 1.0  # aa1 and aa2 tie on "gamma": trec_eval's docid descending puts aa2 first
@@ -136,11 +137,11 @@ def test_beir_with_run_file_first_stage(tmp_path):
     bad.write_text("1 Q0 nope 1 1.0 t\n")
     with pytest.raises(ValueError, match="document 'nope' \\(query '1'\\) is not in the corpus"):
         evaluate(output_dir=str(tmp_path / "out3"), datasets=["beir/aa"], data_dir=str(data),
-                 reranker=TitleMatch(), first_stage_runs={"beir/aa": str(bad)})
+                 reranker=TitleMatch(), first_stage=FirstStage(runs={"beir/aa": str(bad)}))
     bad.write_text("1 Q0 aa1 1 1.0 t\n3 Q0 aa1 1 1.0 t\n")
     with pytest.raises(FormatError, match=f"{bad}:2: qid: unknown query '3'"):
         evaluate(output_dir=str(tmp_path / "out3"), datasets=["beir/aa"], data_dir=str(data), mode="bm25",
-                 first_stage_runs={"beir/aa": str(bad)})
+                 first_stage=FirstStage(runs={"beir/aa": str(bad)}))
 
 
 @pytest.mark.bm25
@@ -150,12 +151,13 @@ def test_beir_bm25_first_stage_and_remove_query(tmp_path):
     # A document whose id equals query "2" and matches it best: --remove-query must drop it.
     with (d / "corpus.jsonl").open("a") as f:
         f.write(json.dumps({"_id": "2", "title": "gamma gamma", "text": "gamma"}) + "\n")
-    kw = dict(datasets=["beir/cc"], data_dir=str(data), mode="bm25", cache_dir=str(tmp_path / "cache"), top_k=10)
-    evaluate(output_dir=str(tmp_path / "o1"), **kw)
+    stage = FirstStage(cache_dir=str(tmp_path / "cache"))
+    kw = dict(datasets=["beir/cc"], data_dir=str(data), mode="bm25", top_k=10)
+    evaluate(output_dir=str(tmp_path / "o1"), first_stage=stage, **kw)
     run = readers.read_run(tmp_path / "o1" / "beir_cc" / "run.trec")
     assert "2" not in run["2"] and len(run["2"]) == 9
     assert len(list((tmp_path / "cache").iterdir())) == 1  # one cached index
-    evaluate(output_dir=str(tmp_path / "o2"), remove_query=False, **kw)
+    evaluate(output_dir=str(tmp_path / "o2"), first_stage=dataclasses.replace(stage, remove_query=False), **kw)
     assert runs.sort_hits(readers.read_run(tmp_path / "o2" / "beir_cc" / "run.trec")["2"].items())[0][0] == "2"
     assert len(list((tmp_path / "cache").iterdir())) == 1  # reused
 
@@ -172,7 +174,7 @@ def test_gin_entry_bm25_mode(tmp_path, repo_root, capsys):
     # A user error is one line on stderr and exit code 2 (the console entry's contract).
     assert console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'",
                          "--no_compile_cache"]) == 2
-    assert "needs evaluate.checkpoint" in capsys.readouterr().err
+    assert "needs RerankerConfig.checkpoint" in capsys.readouterr().err
     gin.clear_config()
     from twolar_jax import gin_utils
 
@@ -210,8 +212,8 @@ def test_real_tiny_reranker_from_hf_dir(tmp_path, data_dir):
     keep = {str(c["hits"][0]["qid"]) for c in cands}
     (data / "trec_dl" / "qrels.dl19-passage.txt").write_text(
         "".join(l + "\n" for l in qrels_lines if l.split()[0] in keep))
-    kw = dict(datasets=["trec_dl/dl19"], data_dir=str(data), checkpoint=str(ckpt), batch_size=8, max_length=256,
-              top_k=5)
+    kw = dict(datasets=["trec_dl/dl19"], data_dir=str(data),
+              reranker=RerankerConfig(checkpoint=str(ckpt), batch_size=8, max_length=256), top_k=5)
     res = evaluate(output_dir=str(tmp_path / "a"), **kw)
     evaluate(output_dir=str(tmp_path / "b"), **kw)
     run_a = (tmp_path / "a" / "trec_dl_dl19" / "run.trec").read_text()
@@ -239,12 +241,12 @@ def test_resume_only_for_same_checkpoint_and_settings(dl19, data_dir, tmp_path, 
         return made[-1]
 
     monkeypatch.setattr(eval.run, "load_reranker", fake_loader)
-    kw = dict(output_dir=str(tmp_path), datasets=["trec_dl/dl19"], data_dir=str(data_dir), checkpoint=str(tmp_path),
-              max_queries=3)
-    first = evaluate(**kw)
+    kw = dict(output_dir=str(tmp_path), datasets=["trec_dl/dl19"], data_dir=str(data_dir), max_queries=3)
+    model = RerankerConfig(checkpoint=str(tmp_path))
+    first = evaluate(**kw, reranker=model)
     assert made[-1].pairs == 300
-    assert evaluate(**kw) == first and made[-1].pairs == 0  # everything came from scores.jsonl
-    evaluate(**kw, score_head="softmax")
+    assert evaluate(**kw, reranker=model) == first and made[-1].pairs == 0  # everything came from scores.jsonl
+    evaluate(**kw, reranker=dataclasses.replace(model, score_head="softmax"))
     assert made[-1].pairs == 300  # another score head: the old log is not reused
     assert len(json.loads((tmp_path / "trec_dl_dl19" / "metrics.json").read_text())["per_query"]) == 3
 
@@ -267,9 +269,10 @@ def test_sharded_scoring_eval_job_through_a_mesh_gin_file(tmp_path, data_dir):
         gin.clear_config()
         out = tmp_path / name
         gin_utils.parse_gin_flags(["eval/trec_dl19.gin", *extra], [
-            f"evaluate.checkpoint = '{ckpt}'", f"evaluate.output_dir = '{out}'", f"evaluate.data_dir = '{data_dir}'",
-            "evaluate.max_queries = 2", "evaluate.top_k = 8", "evaluate.max_length = 128", "evaluate.batch_size = 8"])
-        assert tuple(gin_utils.query("evaluate.mesh_shape")) == ((-1, 1, 1) if name == "replicated" else (1, -1, 1))
+            f"RerankerConfig.checkpoint = '{ckpt}'", f"evaluate.output_dir = '{out}'", f"evaluate.data_dir = '{data_dir}'",
+            "evaluate.max_queries = 2", "evaluate.top_k = 8", "RerankerConfig.max_length = 128",
+            "RerankerConfig.batch_size = 8"])
+        assert tuple(gin_utils.query("RerankerConfig.mesh_shape")) == ((-1, 1, 1) if name == "replicated" else (1, -1, 1))
         configured()
         runs_written.append(readers.read_run(out / "trec_dl_dl19" / "run.trec"))
     gin.clear_config()

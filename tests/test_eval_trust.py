@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eval import trec
-from eval.run import evaluate
+from eval.run import FirstStage, RerankerConfig, evaluate
 from retrieval import readers, runs
 from twolar_jax.hf_conversion import save_hf_checkpoint
 from twolar_jax.model.config import preset
@@ -45,8 +45,8 @@ class TiedScorer:
 
 def test_tied_runs_give_trec_eval_numbers_through_the_job_and_eval_trec(tmp_path, capsys):
     qrels, first, run_path = _tied_beir(tmp_path / "data")
-    kw = dict(datasets=["beir/ties"], data_dir=str(tmp_path / "data"), first_stage_runs={"beir/ties": str(run_path)},
-              measures=MEASURES, top_k=8, first_stage_k=10)
+    kw = dict(datasets=["beir/ties"], data_dir=str(tmp_path / "data"),
+              first_stage=FirstStage(depth=10, runs={"beir/ties": str(run_path)}), measures=MEASURES, top_k=8)
     for mode, out in (("bm25", tmp_path / "bm25"), ("rerank", tmp_path / "rr")):
         res = evaluate(output_dir=str(out), mode=mode, reranker=TiedScorer() if mode == "rerank" else None, **kw)
         run = readers.read_run(out / "beir_ties" / "run.trec")  # the raw scores, ties and all
@@ -99,7 +99,7 @@ def _assert_scores(run_path, cands, params, k):
 def _dl19_job(tmp_path, checkpoint, *, top_k):
     """evaluate()'s keywords for the DL19 slice under tmp_path, and the run file it writes."""
     kw = dict(output_dir=str(tmp_path / "out"), datasets=["trec_dl/dl19"], data_dir=str(tmp_path / "data"),
-              checkpoint=str(checkpoint), batch_size=8, max_length=96, top_k=top_k)
+              reranker=RerankerConfig(checkpoint=str(checkpoint), batch_size=8, max_length=96), top_k=top_k)
     return kw, tmp_path / "out" / "trec_dl_dl19" / "run.trec"
 
 
@@ -197,7 +197,7 @@ def test_beir_first_stage_file_holds_bm25_scores(tmp_path):
     _tied_beir(tmp_path / "data")
     cache = tmp_path / "cache"
     evaluate(output_dir=str(tmp_path / "out"), datasets=["beir/ties"], data_dir=str(tmp_path / "data"),
-             reranker=TiedScorer(), top_k=5, first_stage_k=8, cache_dir=str(cache))
+             reranker=TiedScorer(), top_k=5, first_stage=FirstStage(depth=8, cache_dir=str(cache)))
     ds = readers.load_beir(tmp_path / "data" / "beir" / "ties")
     want = bm25_run(ds.corpus, ds.queries, k=8, cache_dir=cache)
     assert readers.read_run(tmp_path / "out" / "beir_ties" / "first_stage.trec") == \

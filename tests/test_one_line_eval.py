@@ -83,7 +83,7 @@ def _cases(tmp: pathlib.Path, ckpt: str) -> list[Case]:
              ("evaluate.mode", "bm26"), (str(out),)),
         Case("eval_zero_top_k", ev("--gin.evaluate.mode='bm25'", "--gin.evaluate.top_k=0",
                                    f"--gin.evaluate.output_dir='{out}'"), ("evaluate.top_k",), (str(out),)),
-        Case("eval_rerank_without_checkpoint", ev(f"--gin.evaluate.output_dir='{out}'"), ("evaluate.checkpoint",),
+        Case("eval_rerank_without_checkpoint", ev(f"--gin.evaluate.output_dir='{out}'"), ("RerankerConfig.checkpoint",),
              (str(out),)),
         Case("eval_missing_data_dir", ev("--gin.evaluate.mode='bm25'", f"--gin.evaluate.output_dir='{out}'",
                                          f"--gin.evaluate.data_dir='{tmp / 'no_data'}'"),

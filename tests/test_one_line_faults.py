@@ -196,6 +196,8 @@ def test_one_line_noise_filter_drops_chatter_keeps_the_rest():
         "Failed to find host bounds for accelerator type: WARNING: could not determine TPU accelerator type",
         "=== Source Location Trace: ===", "learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327",
         "SLF4J(I): Connected with provider of type [org.apache.logging.slf4j.SLF4JServiceProvider]",
+        "Dec 07, 2026 4:12:37 PM org.apache.lucene.store.MemorySegmentIndexInputProvider <init>",
+        "INFO: Using MemorySegmentIndexInput with Java 21; to disable start with -Dorg.apache.lucene.store...",
     ]
     kept = ["F0000 00:00:1796655009.256116    2914 x.cc:1] Check failed: fatal", "Segmentation fault",
             "twolar-train: error: x", "Traceback (most recent call last):"]

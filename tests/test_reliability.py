@@ -516,15 +516,16 @@ def test_reliab_eval_options_checked_at_flag_parsing(tmp_path, capsys, clean_sta
     from eval.run import console_main
 
     out = tmp_path / "out"
-    for binding, what in [("--gin.evaluate.dtype='float16'", "evaluate.dtype='float16': expected one of"),
-                          ("--gin.evaluate.score_head='logit'", "evaluate.score_head='logit'"),
-                          ("--gin.evaluate.truncation='middle'", "evaluate.truncation='middle'"),
+    for binding, what in [("--gin.RerankerConfig.dtype='float16'", "RerankerConfig.dtype='float16': expected one of"),
+                          ("--gin.RerankerConfig.score_head='logit'", "RerankerConfig.score_head='logit'"),
+                          ("--gin.RerankerConfig.truncation='middle'", "RerankerConfig.truncation='middle'"),
                           ("--gin.evaluate.mode='dense'", "evaluate.mode='dense'"),
-                          ("--gin.MESH_SHAPE=(3, 1, 1)", "evaluate.mesh_shape: mesh shape (3, 1, 1) needs 3 devices"),
-                          ("--gin.MESH_SHAPE=(-1, 1)", "evaluate.mesh_shape=(-1, 1): expected three integers")]:
+                          ("--gin.MESH_SHAPE=(3, 1, 1)",
+                           "RerankerConfig.mesh_shape: mesh shape (3, 1, 1) needs 3 devices"),
+                          ("--gin.MESH_SHAPE=(-1, 1)", "RerankerConfig.mesh_shape=(-1, 1): expected three integers")]:
         gin.clear_config()
         code = console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'",
-                             "--gin.evaluate.checkpoint='/nope'", binding, "--no_compile_cache"])
+                             "--gin.RerankerConfig.checkpoint='/nope'", binding, "--no_compile_cache"])
         err = capsys.readouterr().err
         assert code == 2 and len(_error_lines(err, "twolar-eval")) == 1 and what in err, err
     gin.clear_config()
@@ -534,7 +535,7 @@ def test_reliab_eval_options_checked_at_flag_parsing(tmp_path, capsys, clean_sta
     gin.clear_config()
     assert console_main(["--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.output_dir='{out}'",
                          "--no_compile_cache"]) == 2
-    assert "needs evaluate.checkpoint" in capsys.readouterr().err
+    assert "needs RerankerConfig.checkpoint" in capsys.readouterr().err
     assert not out.exists()  # nothing was read or written
 
 
@@ -544,7 +545,7 @@ HELP_CASES = [
                                           "experiments/tiny_smoke.gin", "models/flan_t5_large.gin",
                                           "mesh/fsdp.gin", "runs/distill_train.gin", "MODEL_DIR", "DISTILL_JSONL"]),
     ("eval.run", "console_main", ["--log_level", "--debug", "eval/trec_dl19.gin", "eval/beir.gin", "mesh/fsdp.gin",
-                                  "evaluate.checkpoint"]),
+                                  "RerankerConfig.checkpoint"]),
     ("data_pipeline.set_builder.cli", "console_main", ["--log_level", "runs/build_scifact_offline.gin",
                                                        "runs/build_msmarco_openai.gin", "OUTPUT_DIR",
                                                        "MSMARCO_COLLECTION"]),

@@ -89,7 +89,7 @@ def test_train_gin_eval_files_include_the_base():
     for path in (GIN_DIR / "eval").glob("*.gin"):
         if path.name != "base.gin":
             assert "include 'eval/base.gin'" in path.read_text(), path
-            assert "evaluate.score_head" not in path.read_text(), path
+            assert "RerankerConfig.score_head" not in path.read_text(), path
 
 
 def test_train_gin_xl_experiment_values():

@@ -63,7 +63,7 @@ def test_wheel_eval_job_on_shipped_data_without_a_checkout(installed_wheel, tmp_
     """twolar-eval's gin job (an included base file, the shipped SciFact) with no --gin_search_paths."""
     out = tmp_path / "eval"
     proc = _run(installed_wheel, "-m", "eval.run", "--gin_file=eval/beir_scifact.gin", "--gin.evaluate.mode='bm25'",
-                f"--gin.evaluate.output_dir='{out}'", f"--gin.evaluate.cache_dir='{tmp_path / 'cache'}'",
+                f"--gin.evaluate.output_dir='{out}'", f"--gin.FirstStage.cache_dir='{tmp_path / 'cache'}'",
                 "--gin.evaluate.max_queries=20", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "beir_scifact" / "metrics.json").read_text())

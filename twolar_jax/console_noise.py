@@ -35,6 +35,10 @@ NOISE = tuple(re.compile(p) for p in (
     r"^SLF4J",  # the JVM's logging facade saying which (or that no) provider it found
     r"^WARNING: Using incubator modules",
     r"^Picked up (JAVA_TOOL_OPTIONS|_JAVA_OPTIONS)",
+    # java.util.logging (Lucene's notes): a header line `Dec 07, 2026 4:12:37 PM org.apache... <init>`, then
+    # `INFO: ...`. Our own logs never pass through here (they go to Python's sys.stderr).
+    r"^[A-Z][a-z]{2} \d{1,2}, \d{4} \d{1,2}:\d\d:\d\d [AP]M [\w.$]+ \S+",
+    r"^(INFO|CONFIG|FINE|FINER|FINEST): ",
 ))
 # Read once by the libraries at import: set (when the user has not) before they load.
 QUIET_ENVIRONMENT = {

@@ -13,6 +13,7 @@ leaves `stages/<name>.json`; a re-run skips finished stages (`--force` re-runs t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -120,13 +121,14 @@ def stage_eval(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     results["teacher"] = evaluate(output_dir=str(paths.eval / "teacher"),
                                   reranker=ScorerAsPairScorer(gin.get_configurable(SentenceTransformerScorer)()))
     config = checkpointing.read_model_config(paths.student)
+    scoring = gin_utils.query("evaluate.reranker")  # the eval job's RerankerConfig (eval/base.gin, demo.gin)
     # The student exactly as the trainer initialised it (same seed and rng path).
     before = Reranker.from_params(config, initial_params(config, int(gin_utils.query("SEED"))),
-                                  score_head=gin_utils.query("evaluate.score_head"),
-                                  max_length=int(gin_utils.query("evaluate.max_length")),
-                                  batch_size=int(gin_utils.query("evaluate.batch_size")))
+                                  score_head=scoring.score_head, max_length=scoring.max_length,
+                                  batch_size=scoring.batch_size)
     results["student_before"] = evaluate(output_dir=str(paths.eval / "student_before"), reranker=before)
-    results["student_after"] = evaluate(output_dir=str(paths.eval / "student_after"), checkpoint=str(paths.student))
+    results["student_after"] = evaluate(output_dir=str(paths.eval / "student_after"),
+                                        reranker=dataclasses.replace(scoring, checkpoint=str(paths.student)))
     return {name: next(iter(r.values())) for name, r in results.items()}
 
 
