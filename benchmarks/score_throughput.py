@@ -81,7 +81,8 @@ def run_start_probe(args) -> None:
     query, docs, _ = one_query_candidates()
     config = preset(args.preset, attention=args.attention, scan_layers=args.scan_layers)
     rr = Reranker.from_params(config, init_params(config, 0), dtype=args.dtype, batch_size=args.batch_size,
-                              max_length=args.max_length, length_buckets=args.length_buckets)
+                              max_length=args.max_length, length_buckets=args.length_buckets,
+                              scan_layers=reranker_scan_layers(args))
     first = bench_common.timed(lambda: rr.rank(query, docs))
     second = bench_common.timed(lambda: rr.rank(query, docs))
     stats = rr.executable_cache.stats.as_dict() if rr.executable_cache is not None else None
@@ -142,6 +143,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--length_buckets", default=None, type=length_buckets,
                     help="comma-separated Reranker length buckets (default: its own, 16 of them up to 512); fewer "
                          "buckets compile fewer shapes, at the cost of more padding")
+    ap.add_argument("--unrolled_layers", action="store_true",
+                    help="score with unrolled layers (the Reranker's scan_layers=False) instead of its scanned default")
     ap.add_argument("--skip_torch", action="store_true")
     ap.add_argument("--skip_warm_compile", action="store_true", help="do not start the warm-cache subprocess")
     ap.add_argument("--start_only", action="store_true",
@@ -168,8 +171,13 @@ def build_reranker(args):
     config = preset(args.preset, attention=args.attention, scan_layers=args.scan_layers)
     params = init_params(config, 0)
     rr = Reranker.from_params(config, params, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length,
-                              length_buckets=args.length_buckets)
+                              length_buckets=args.length_buckets, scan_layers=reranker_scan_layers(args))
     return rr, config, params, queries, docs, source
+
+
+def reranker_scan_layers(args: argparse.Namespace) -> bool:
+    """The Reranker's layer form: its default (scanned) unless --unrolled_layers."""
+    return not args.unrolled_layers
 
 
 def query_runs(queries: list[str]) -> list[tuple[int, int]]:
@@ -256,7 +264,7 @@ def run(args: argparse.Namespace, argv: list[str], cache_dir: str) -> None:
           + (f", {len(query_runs(queries))} queries scored one by one" if args.per_query else ", one list"))
     print(f"model: {args.preset} random weights, dtype={args.dtype}, device={device.device_kind} x{jax.device_count()}, "
           f"xla threads={len(os.sched_getaffinity(0))}, attention={bench_common.attention_path(config, args.dtype)}, "
-          f"scan_layers={config.scan_layers}, batch_size={args.batch_size}, jax={jax.__version__}, "
+          f"scan_layers={rr.config.scan_layers} (the Reranker's), batch_size={args.batch_size}, jax={jax.__version__}, "
           f"host heap: {args.host_heap_state}")
 
     encoded = rr.encode_pairs(queries, docs)

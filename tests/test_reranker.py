@@ -149,3 +149,25 @@ def test_from_pretrained_errors(tmp_path):
         Reranker.from_pretrained(tmp_path / "nope")
     with pytest.raises(ValueError, match="neither an HF T5 dir"):
         Reranker.from_pretrained(tmp_path)
+
+
+def test_scanned_default_scores_equal_unrolled_from_either_tree(tmp_path):
+    """The Reranker scores with scanned layers by default (a fresh process loads its stored programs faster):
+    from an unrolled or a scanned tree, an HF dir too, the scores equal the unrolled layers' to fp32 rounding."""
+    from twolar_jax.model.scan import is_scanned, stack_layers
+
+    params = init_params(CONFIG, 11)
+    queries = ["what is the capital of france", "bm25 parameters k1 and b"] * 3
+    docs = [f"passage {i} about paris, lucene and ranking functions" * (1 + i % 3) for i in range(6)]
+    unrolled = Reranker.from_params(CONFIG, params, scan_layers=False, compile_cache=False)
+    want = unrolled.score_pairs(queries, docs)
+    assert not unrolled.config.scan_layers and not is_scanned(jax.device_get(unrolled.params))
+    for tree in (params, stack_layers(params, CONFIG)):
+        rr = Reranker.from_params(CONFIG, tree, compile_cache=False)
+        assert rr.config.scan_layers and is_scanned(jax.device_get(rr.params))
+        np.testing.assert_allclose(rr.score_pairs(queries, docs), want, rtol=1e-5, atol=1e-5)
+    hf = Reranker.from_pretrained(save_hf_checkpoint(tmp_path / "hf", CONFIG, params), compile_cache=False)
+    assert hf.config.scan_layers
+    np.testing.assert_allclose(hf.score_pairs(queries, docs), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scan_layers='yes'"):
+        Reranker.from_params(CONFIG, params, scan_layers="yes")
