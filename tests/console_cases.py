@@ -8,8 +8,9 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -71,6 +72,12 @@ def run(argv: Sequence[str], *, cwd: Optional[str] = None, timeout: float = 300,
     done = subprocess.run(list(argv), env=kw.pop("env", None) or user_env(), cwd=cwd or str(REPO),
                           capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
     return Outcome(done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace"))
+
+
+def case_names(make_cases: Callable[..., Sequence[Case]], *args: object) -> list[str]:
+    """The names of a table's cases, for parametrize (the table is built in a scratch folder and dropped)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return [c.name for c in make_cases(Path(folder), *args)]
 
 
 def run_all(cases: Sequence[Case], *, cwd: str, workers: int = 2) -> dict[str, Outcome]:

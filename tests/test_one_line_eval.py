@@ -4,11 +4,10 @@ exactly one stderr line that names the option, binding, path or file line at fau
 scoring, with nothing created."""
 import json
 import pathlib
-import tempfile
 
 import pytest
 
-from console_cases import REPO, Case, assert_one_line, python_m, run_all
+from console_cases import REPO, Case, assert_one_line, case_names, python_m, run_all
 
 LONG = "n" * 300
 DL = REPO / "data" / "trec_dl"
@@ -111,18 +110,13 @@ def outcomes(tmp_path_factory):
     return cases, run_all(list(cases.values()), cwd=str(tmp))
 
 
-def _names() -> list[str]:
-    with tempfile.TemporaryDirectory() as d:
-        return [c.name for c in _cases(pathlib.Path(d), "ckpt")]
-
-
-@pytest.mark.parametrize("name", _names())
+@pytest.mark.parametrize("name", case_names(_cases, "ckpt"))
 def test_one_line_eval_rerank_trec_reference(name, outcomes):
     cases, results = outcomes
     assert_one_line(cases[name], results[name])
 
 
 def test_one_line_eval_table_covers_each_command_five_times():
-    names = _names()
+    names = case_names(_cases, "ckpt")
     for prefix in ("rerank_", "trec_", "eval_", "reference_"):
         assert sum(n.startswith(prefix) for n in names) >= 5, prefix

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from console_cases import Case, assert_one_line, console_script, python_m, run_all
+from console_cases import Case, assert_one_line, case_names, console_script, python_m, run_all
 
 LONG = "n" * 300  # over every file system's 255-byte name limit
 
@@ -115,21 +115,13 @@ def outcomes(tmp_path_factory):
     return cases, run_all(list(cases.values()), cwd=str(tmp))
 
 
-def _names():
-    import pathlib
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        return [c.name for c in _cases(pathlib.Path(d))]
-
-
-@pytest.mark.parametrize("name", _names())
+@pytest.mark.parametrize("name", case_names(_cases))
 def test_one_line_train_build_compile_demo(name, outcomes):
     cases, results = outcomes
     assert_one_line(cases[name], results[name])
 
 
 def test_one_line_table_covers_each_command_five_times():
-    names = _names()
+    names = case_names(_cases)
     for prefix in ("twolar_", "train_", "compile_", "build_", "demo_", "tfds_"):
         assert sum(n.startswith(prefix) for n in names) >= 5, prefix

@@ -21,14 +21,13 @@ import traceback
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
 
-from twolar_jax import console_noise, host_heap, user_paths
+from twolar_jax import console_noise, host_heap, stop_signals, user_paths
 from twolar_jax.errors import OptionError, TwolarError
 from twolar_jax.secrets import redact
 
 DEBUG_ENV = "TWOLAR_DEBUG"
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 # OSErrors that a user's path or disk causes (and fixes): shown as one line naming the path and, where
 # the path came from an option, the option.
 USER_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
@@ -156,7 +155,7 @@ def run_console(prog: str, main: Callable[[list[str]], Optional[int]], argv: Opt
         if debug:
             print(redact("".join(traceback.format_exc())), file=sys.stderr, end="")
         print(interrupted_line(prog), file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return stop_signals.exit_code("SIGINT")
     except BaseException as exc:  # noqa: BLE001 - the one place that decides how an error is shown
         user = is_user_error(exc)
         if user and not debug:
