@@ -69,7 +69,7 @@ class RerankerConfig:
         """Every field, named as a gin binding (`RerankerConfig.dtype='float16': ...`)."""
         from twolar_jax.model.config import COMPUTE_DTYPES
         from twolar_jax.scoring import SCORE_HEADS
-        from twolar_jax.tokenizer import TRUNCATION_MODES
+        from twolar_jax.ranking.pointwise_inputs import TRUNCATION_MODES
 
         for name, choices in (("score_head", SCORE_HEADS), ("dtype", COMPUTE_DTYPES),
                               ("truncation", TRUNCATION_MODES)):

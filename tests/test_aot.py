@@ -142,8 +142,8 @@ def test_aot_does_not_import_the_data_side():
 
     code = ("import sys; from twolar_jax.aot import gin_jobs; "
             "gin_jobs.parse_job_gin(['experiments/twolar_flan_t5_xl_rank_net.gin']); job = gin_jobs.train_job(); "
-            "print(job.batch_size, job.group_size, job.max_length, job.spec.num_microbatches, job.mesh_shape, "
-            "job.config.scan_layers, any(m.startswith(('data_pipeline', 'tensorflow')) for m in sys.modules))")
+            "print(job.batch_size, job.group_size, job.max_length, job.num_microbatches, job.mesh_shape, "
+            "job.model.config.scan_layers, any(m.startswith(('data_pipeline', 'tensorflow')) for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout.split()
     assert out == ["32", "30", "512", "4", "(1,", "-1,", "4)", "True", "False"]
@@ -156,7 +156,7 @@ def test_aot_a_model_file_alone_trains_with_the_run_defaults():
     with_run_file = gin_jobs.train_job()  # what twolar-train makes of the model file plus the run file
     gin_jobs.parse_job_gin(["models/tiny.gin"])
     alone = gin_jobs.train_job()
-    assert alone == with_run_file and alone.total_steps > 1 and alone.config == preset("tiny", dropout_rate=0.1)
+    assert alone == with_run_file and alone.total_steps > 1 and alone.model.config == preset("tiny", dropout_rate=0.1)
     assert (alone.batch_size, alone.group_size, alone.max_length) == (32, 30, 512)
     smoke = ["TRAIN_STEPS = 20", "BATCH_SIZE = 8", "GROUP_SIZE = 4", "MAX_LENGTH = 64", "LEARNING_RATE = 1e-3",
              NO_DROPOUT]
@@ -209,7 +209,7 @@ def test_aot_unbound_total_steps_is_an_option_error_not_a_type_error():
         gin_jobs.train_job()
     gin_jobs.parse_job_gin(["models/flan_t5_small.gin"], ["train.total_steps = 1", "BATCH_SIZE = 8", "GROUP_SIZE = 4",
                                                           "MAX_LENGTH = 64"], run_defaults=False)
-    assert gin_jobs.train_job().config == preset("flan-t5-small", dropout_rate=0.1)
+    assert gin_jobs.train_job().model.config == preset("flan-t5-small", dropout_rate=0.1)
 
 
 # --------------------------------------------------------------------------------------------- compiles

@@ -140,7 +140,7 @@ def test_index_offsets_reread_records(tmp_path):
 
 
 def test_group_texts_padding_modes():
-    from twolar_jax.groups import group_texts
+    from twolar_jax.ranking.pointwise_inputs import group_texts
 
     rec = formats.parse_distill_line(json.dumps(_good(n=3)))
     texts = [c.text for c in rec.candidates]

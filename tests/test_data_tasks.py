@@ -1,6 +1,7 @@
-"""seqio side of the distillation data: TF tokenization parity with twolar_jax.tokenizer, the registered
-tasks (via seqio.test_utils), the feature converter, get_distill_batches (determinism, exact resume,
-per-host shards, mixtures) and the TFDS builder."""
+"""seqio side of the distillation data: TF tokenization parity with twolar_jax.ranking.pointwise_inputs
+(per pair, and per converted group: the model interface), the registered tasks (via seqio.test_utils), the
+feature converter, get_distill_batches (determinism, exact resume, per-host shards, mixtures) and the TFDS
+builder, both built from the declarations in twolar_jax.ranking.features."""
 from __future__ import annotations
 
 import itertools
@@ -18,7 +19,9 @@ from data_pipeline.seqio_input import batches as dataset, preprocessors, tasks  
 from data_pipeline.seqio_input.feature_converters import DistillFeatureConverter  # noqa: E402
 from data_pipeline.distill_format import Candidate, DistillRecord, FormatError  # noqa: E402
 from data_pipeline.seqio_input.vocab import get_vocabulary  # noqa: E402
-from twolar_jax.tokenizer import T5Tokenizer, encode_query_document  # noqa: E402
+from twolar_jax.ranking.features import DISTILL_RECORD, LISTWISE_GROUP_BATCH  # noqa: E402
+from twolar_jax.ranking.pointwise_inputs import encode_query_document, group_features  # noqa: E402
+from twolar_jax.tokenizer import T5Tokenizer  # noqa: E402
 
 QUERY_TYPES = ("crop", "doct5query", "msmarco")
 N_RECORDS = 12
@@ -165,6 +168,41 @@ def test_feature_converter_shapes_mask_and_ranks():
         list(too_long)
 
 
+@pytest.mark.parametrize("padding", ["mask", "twolar"])
+@pytest.mark.parametrize("truncation", ["document", "whole"])
+def test_model_interface_seqio_groups_equal_pointwise_group_features(train_file, tok, padding, truncation):
+    """The twin at the batch level: what the task + DistillFeatureConverter hand the model for a record
+    is `pointwise_inputs.group_features` of that record, id for id, in LISTWISE_GROUP_BATCH's terms."""
+    converter = DistillFeatureConverter()
+    assert tuple(converter.MODEL_FEATURES) == LISTWISE_GROUP_BATCH.names
+    for feature in LISTWISE_GROUP_BATCH:
+        spec = converter.MODEL_FEATURES[feature.name]
+        assert (spec.dtype, spec.rank) == (tf.as_dtype(feature.dtype), feature.rank - 1), feature.name
+        assert spec.sequence_dim == (1 if feature.rank == 3 else 0), feature.name
+    n, length = 4, 24
+    assert converter.get_model_feature_lengths(preprocessors.feature_lengths(n, length)) == {
+        f.name: length if f.rank == 3 else n for f in LISTWISE_GROUP_BATCH}
+    prefix = f"model_interface_{padding}_{truncation}"
+    tasks.register_distill_tasks(train_path=train_file, group_size=n, max_length=length, padding=padding,
+                                 truncation=truncation, prefix=prefix)
+    ds = seqio.get_dataset(prefix, task_feature_lengths=preprocessors.feature_lengths(n, length),
+                           feature_converter=converter, dataset_split="train", shuffle=False, verbose=False)
+    recs = _records()
+    got = list(itertools.islice(ds.as_numpy_iterator(), 6))  # 2..6 candidates, with and without scores
+    assert len(got) == 6
+    for i, ex in enumerate(got):
+        rec = recs[i]
+        want = group_features(rec.query, [c.text for c in rec.candidates], rec.teacher_scores, tokenizer=tok,
+                              group_size=n, max_length=length, truncation=truncation, padding=padding)
+        assert set(ex) == set(want) == set(LISTWISE_GROUP_BATCH.names)  # tf.data sorts dict keys
+        for k in want:
+            assert ex[k].dtype == want[k].dtype, (i, k)
+            np.testing.assert_array_equal(ex[k], want[k], err_msg=f"record {i}: {k}")
+    tokens_dims = LISTWISE_GROUP_BATCH["encoder_input_tokens"].dims  # (batch, group, length), whatever named
+    LISTWISE_GROUP_BATCH.validate({k: np.stack([ex[k] for ex in got]) for k in got[0]},
+                                  expect=dict(zip(tokens_dims, (6, n, length))))
+
+
 # ------------------------------------------------------------------------------ get_distill_batches
 
 
@@ -285,6 +323,30 @@ def test_tfds_prepared_form_matches_jsonl(registered, train_file, tmp_path):
             np.testing.assert_array_equal(v, by_id[_record_ids(b)[0]][k], err_msg=k)
     crop = _batches(10, task_or_mixture="twolar_distill_tfds_crop", shuffle=False, repeat=False, seed=None)
     assert sorted(sum((_record_ids(b) for b in crop), [])) == [0, 3, 6, 9]
+
+
+def test_tfds_builder_features_are_distill_record(tmp_path):
+    """The builder's FeaturesDict comes from DISTILL_RECORD and is exactly the one datasets were built with
+    (so existing prepared datasets still read); the raw examples the preprocessors expect match it too."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from data_pipeline.seqio_input import tfds_builder
+
+    features = tfds_builder.TwolarDistill(data_dir=str(tmp_path / "tfds")).info.features
+    assert tuple(features.keys()) == DISTILL_RECORD.names
+    text = tfds.features.Text()
+    stored = tfds.features.FeaturesDict({  # the literal dict of builder version 1.0.0
+        "qid": text, "query": text, "query_type": text,
+        "docids": tfds.features.Sequence(tfds.features.Text()),
+        "texts": tfds.features.Sequence(tfds.features.Text()),
+        "teacher_scores": tfds.features.Sequence(tfds.features.Scalar(dtype=tf.float32)),
+        "has_teacher_scores": tfds.features.Scalar(dtype=tf.bool),
+    })
+    assert features.to_json() == stored.to_json()
+    assert preprocessors.RAW_SIGNATURE == {
+        "qid": tf.TensorSpec([], tf.string), "query": tf.TensorSpec([], tf.string),
+        "query_type": tf.TensorSpec([], tf.string), "docids": tf.TensorSpec([None], tf.string),
+        "texts": tf.TensorSpec([None], tf.string), "teacher_scores": tf.TensorSpec([None], tf.float32),
+        "has_teacher_scores": tf.TensorSpec([], tf.bool)}
 
 
 def test_jsonl_source_runs_no_python_inside_tf_data(train_file):

@@ -7,7 +7,6 @@ from twolar_jax.hf_conversion import save_hf_checkpoint
 from twolar_jax.model.config import preset
 from twolar_jax.model.network import init_params
 from twolar_jax.reranker import Reranker
-from twolar_jax.scoring_runtime import score_batch
 
 CONFIG = preset("tiny")
 DOCS = ["Geoffrey Hinton, Yann LeCun and Yoshua Bengio received the 2018 Turing Award.",
@@ -73,10 +72,9 @@ def test_fixed_shapes_compile_once_per_bucket(params, compile_cache):
     if compile_cache and rr.executable_cache is None:
         pytest.skip("the compilation cache is off (TWOLAR_COMPILE_CACHE=off): no stored programs")
     assert compile_cache or rr.executable_cache is None
-    score_batch.clear_cache()
 
     def programs() -> int:
-        return len(rr._program._programs) if rr.executable_cache is not None else score_batch._cache_size()
+        return len(rr._program._programs) if rr.executable_cache is not None else rr._program.fn.jitted._cache_size()
 
     docs = [" ".join(["word"] * n) for n in range(0, 240, 7)]
     rr.score_pairs(["q"] * len(docs), docs)
@@ -88,7 +86,7 @@ def test_fixed_shapes_compile_once_per_bucket(params, compile_cache):
     rr.score_pairs(["q"] * len(more), more)
     assert first <= programs() <= 3 * 4
     if rr.executable_cache is not None:
-        assert score_batch._cache_size() == 0  # the stored programs replace the jit: nothing traced
+        assert rr._program.fn.jitted._cache_size() == 0  # the stored programs replace the jit: nothing traced
         assert {shape[1] for shape in rr._program._programs} == {64, 128, 256}
     assert [rr._rows_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
 

@@ -11,8 +11,7 @@ from twolar_jax.model.config import preset
 from twolar_jax.model.network import init_params
 from twolar_jax.prefetch import BackgroundIterator
 from twolar_jax.reranker import Reranker
-from twolar_jax.scoring_runtime import plan_batches, score_batch
-from twolar_jax import partitioning
+from twolar_jax.scoring_runtime import plan_batches
 
 CONFIG = preset("tiny")
 WORDS = "turing award machine learning lobster paris france neural network prize acm".split()
@@ -32,9 +31,7 @@ def _threads():
 
 
 def _score_blocking(rr, tokens):
-    with partitioning.activation_context(rr.mesh, rr.rules):
-        out = score_batch(rr.params, jax.device_put(tokens, rr._batch_sharding), config=rr.config,
-                          head=rr.score_head, vocab_ids=rr.vocab_ids, rules=rr.rules)
+    out = rr._program.fn(rr.params, jax.device_put(tokens, rr._batch_sharding))  # the jit, without the stream
     return np.asarray(out)
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from twolar_jax.scoring import ScoreTokens, head_vocab_ids, resolve_score_tokens, score_from_logits
 from twolar_jax.resources import SPIECE_MODEL as DEFAULT_SPIECE
-from twolar_jax.tokenizer import T5Tokenizer, encode_query_document
+from twolar_jax.ranking.pointwise_inputs import encode_query_document
+from twolar_jax.tokenizer import T5Tokenizer
 
 
 @pytest.fixture(scope="module")

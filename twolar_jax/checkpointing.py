@@ -52,9 +52,10 @@ class CheckpointConfig:
 
 
 # --------------------------------------------------------------------------------- model config
-def write_model_config(model_dir: str | os.PathLike, config: T5Config) -> Path:
-    """model_config.json, atomically."""
-    return write_json_atomic(Path(model_dir) / MODEL_CONFIG, config.to_dict(), indent=2)
+def write_model_config(model_dir: str | os.PathLike, config: T5Config | dict[str, Any]) -> Path:
+    """model_config.json (a T5Config or a model's `checkpoint_config()`), atomically."""
+    values = config.to_dict() if isinstance(config, T5Config) else config
+    return write_json_atomic(Path(model_dir) / MODEL_CONFIG, values, indent=2)
 
 
 def read_model_config(model_dir: str | os.PathLike) -> T5Config:

@@ -113,7 +113,8 @@ def stage_eval(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     from data_pipeline.set_builder.offline_teacher import SentenceTransformerScorer
     from twolar_jax import checkpointing
     from twolar_jax.reranker import Reranker
-    from twolar_jax.train_setup import initial_params
+    from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
+    from twolar_jax.trainer import initial_params
 
     evaluate = configured["evaluate"]
     results = {}
@@ -123,7 +124,7 @@ def stage_eval(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     config = checkpointing.read_model_config(paths.student)
     scoring = gin_utils.query("evaluate.reranker")  # the eval job's RerankerConfig (eval/base.gin, demo.gin)
     # The student exactly as the trainer initialised it (same seed and rng path).
-    before = Reranker.from_params(config, initial_params(config, int(gin_utils.query("SEED"))),
+    before = Reranker.from_params(config, initial_params(PointwiseCrossEncoder(config), int(gin_utils.query("SEED"))),
                                   score_head=scoring.score_head, max_length=scoring.max_length,
                                   batch_size=scoring.batch_size)
     results["student_before"] = evaluate(output_dir=str(paths.eval / "student_before"), reranker=before)

@@ -16,11 +16,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from twolar_jax.trainer import BATCH_FEATURES, BatchError, select_features, validate_batch
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH, BatchError, FeatureSet
 
-# One dtype per feature, so that padded, empty and read batches (and every host's) compile to one program.
-FEATURE_DTYPES = {name: np.float32 if kind == "float" else np.int32 for name, (_, kind, _) in BATCH_FEATURES.items()}
-_SIGNATURE = ("has_batch", "rows", "group_size", "max_length", "teacher_scores")
+NUMPY_DTYPES = {"int32": np.int32, "float32": np.float32, "bool": np.bool_}
+
+
+def _signature_names(features: FeatureSet) -> tuple[str, ...]:
+    """has_batch, rows, each non-batch dimension's size (by its option name), each optional feature's presence."""
+    dims = dict.fromkeys(d for f in features for d in f.dims if d != "batch")
+    return ("has_batch", "rows", *dims, *(f.name for f in features if not f.required))
 
 
 def padded_rows(rows: int, *, parallelism: int, process_count: int) -> int:
@@ -30,28 +34,36 @@ def padded_rows(rows: int, *, parallelism: int, process_count: int) -> int:
     return max(1, -(-rows // step)) * step
 
 
-def pad_batch(batch: Mapping[str, Any], rows: int) -> dict[str, np.ndarray]:
-    """`batch` with rows added up to `rows`: no tokens, no real passage (passage_mask 0), so no pair."""
+def pad_batch(batch: Mapping[str, Any], rows: int, features: FeatureSet = LISTWISE_GROUP_BATCH) -> dict[str, np.ndarray]:
+    """`batch` with rows of zeros added up to `rows` (for the pointwise batch: no tokens, no real passage,
+    so no pair); one dtype per feature, so padded, empty and read batches compile to one program."""
     out = {}
     for name, value in batch.items():
-        value = np.asarray(value, FEATURE_DTYPES[name])
+        value = np.asarray(value, NUMPY_DTYPES[features[name].dtype])
         out[name] = np.concatenate([value, np.zeros((rows - value.shape[0],) + value.shape[1:], value.dtype)])
     return out
 
 
 def empty_batch(rows: int, group_size: int, max_length: int, teacher_scores: bool) -> dict[str, np.ndarray]:
-    """A batch of `rows` queries without a real passage, for a host whose shard has run out."""
-    names = [n for n, (_, _, required) in BATCH_FEATURES.items() if required or (teacher_scores and n == "teacher_scores")]
-    return {n: np.zeros((rows, group_size, max_length) if n == "encoder_input_tokens" else (rows, group_size),
-                        FEATURE_DTYPES[n]) for n in names}
+    """A pointwise batch of `rows` queries without a real passage, for a host whose shard has run out."""
+    sizes = {"batch": rows, "group_size": group_size, "max_length": max_length}
+    return _empty(LISTWISE_GROUP_BATCH, sizes, {"teacher_scores"} if teacher_scores else set())
 
 
-def signature(batch: Optional[Mapping[str, Any]]) -> np.ndarray:
-    """What a host tells the others about its next batch (None: it has none): `_SIGNATURE` as int32."""
+def _empty(features: FeatureSet, sizes: Mapping[str, int], optional: set) -> dict[str, np.ndarray]:
+    return {f.name: np.zeros(tuple(sizes[d] for d in f.dims), NUMPY_DTYPES[f.dtype])
+            for f in features if f.required or f.name in optional}
+
+
+def signature(batch: Optional[Mapping[str, Any]], features: FeatureSet = LISTWISE_GROUP_BATCH) -> np.ndarray:
+    """What a host tells the others about its next batch (None: it has none), as int32 (`_signature_names`)."""
+    names = _signature_names(features)
     if batch is None:
-        return np.zeros(len(_SIGNATURE), np.int32)
-    b, n, length = np.shape(batch["encoder_input_tokens"])
-    return np.array([1, b, n, length, int("teacher_scores" in batch)], np.int32)
+        return np.zeros(len(names), np.int32)
+    sizes = features.sizes(batch)
+    values = [1, sizes["batch"]] + [sizes[d] for d in names[2:] if d in sizes]
+    values += [int(f.name in batch) for f in features if not f.required]
+    return np.array(values, np.int32)
 
 
 def allgather(process_count: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -65,7 +77,8 @@ def allgather(process_count: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def lockstep_batches(source: Iterable[Mapping[str, Any]], *, parallelism: int, process_count: int,
                      gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                     where: str = "validation") -> Iterator[dict[str, np.ndarray]]:
+                     where: str = "validation",
+                     features: FeatureSet = LISTWISE_GROUP_BATCH) -> Iterator[dict[str, np.ndarray]]:
     """This host's batches of `source` (its shard; checked with `validate_batch`), padded so that every
     host yields the same number of batches of the same shape: rows are raised to the most any host has had
     so far (rounded up for the batch sharding: one compiled shape, normally the full batch's), and a host
@@ -76,19 +89,21 @@ def lockstep_batches(source: Iterable[Mapping[str, Any]], *, parallelism: int, p
     for index in itertools.count():
         batch = next(batches, None)
         if batch is not None:
-            batch = select_features(batch)
-            validate_batch(batch, where=f"{where} batch {index}")
-        hosts = np.asarray(gather(signature(batch))).reshape(process_count, len(_SIGNATURE))
+            batch = features.select(batch)
+            features.validate(batch, where=f"{where} batch {index}")
+        names = _signature_names(features)
+        hosts = np.asarray(gather(signature(batch, features))).reshape(process_count, len(names))
         present = hosts[hosts[:, 0] == 1]
         if not len(present):
             return
         shapes = {tuple(int(x) for x in sig[2:]) for sig in present}
         if len(shapes) > 1:
-            described = ", ".join(f"host {i}: {dict(zip(_SIGNATURE[1:], map(int, sig[1:])))}"
+            described = ", ".join(f"host {i}: {dict(zip(names[1:], map(int, sig[1:])))}"
                                   for i, sig in enumerate(hosts) if sig[0])
             raise BatchError(f"{where} batch {index}: hosts read batches of different shapes ({described}); "
                              "every host must read with the same group_size, max_length and features")
-        group_size, max_length, teacher_scores = shapes.pop()
+        shape = dict(zip(names[2:], shapes.pop()))
         rows = padded_rows(max(rows, int(present[:, 1].max())), parallelism=parallelism, process_count=process_count)
-        yield pad_batch(batch, rows) if batch is not None else empty_batch(rows, group_size, max_length,
-                                                                           bool(teacher_scores))
+        optional = {f.name for f in features if not f.required and shape.get(f.name)}
+        yield pad_batch(batch, rows, features) if batch is not None else _empty(features, {**shape, "batch": rows},
+                                                                                 optional)

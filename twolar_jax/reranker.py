@@ -20,12 +20,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from twolar_jax import executable_cache, host_heap, partitioning, scoring_runtime
-from twolar_jax.errors import CheckpointError, OptionError, TwolarError, check_choice
-from twolar_jax.model import scan as model_scan
+from twolar_jax.errors import CheckpointError, OptionError, check_choice
 from twolar_jax.model.config import T5Config
-from twolar_jax.scoring import check_head, head_vocab_ids, resolve_score_tokens
-from twolar_jax.tokenizer import (DOCUMENT_MARKER, QUERY_PREFIX, SUFFIX, T5Tokenizer, assemble_pair, check_encodable,
-                                  check_encoding_options, encode_query_document)
+from twolar_jax.ranking.interface import RankingModel
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
+from twolar_jax.ranking.pointwise_inputs import check_encoding_options, short_repr
+from twolar_jax.scoring import check_head, resolve_score_tokens
+from twolar_jax.tokenizer import T5Tokenizer
 
 DTYPES = ("float32", "bfloat16")
 Pair = tuple[str, str]
@@ -79,7 +80,7 @@ def check_options(*, score_head: str = "difference", dtype: str = "float32", bat
     if devices is not None and not list(devices):
         raise OptionError("devices=[]: need at least one device")
     scoring_runtime.check_mesh_shape(mesh_shape, len(list(devices or jax.local_devices())))
-    scoring_runtime.check_rules(logical_axis_rules)
+    partitioning.check_rules(logical_axis_rules)
     if not isinstance(compile_cache, bool):
         raise OptionError(f"compile_cache={compile_cache!r}: expected True or False")
     if scan_layers is not None and not isinstance(scan_layers, bool):
@@ -98,7 +99,11 @@ def _check_top_k(top_k: Any) -> None:
 
 
 class Reranker:
-    """A T5 cross-encoder scoring `Query: q Document: d Relevant:` on the first decoder step.
+    """A scorer of (query, document) pairs for any ranking model; by default the T5 cross-encoder scoring
+    `Query: q Document: d Relevant:` on the first decoder step.
+
+    config: a T5Config (the pointwise cross-encoder with `score_head`) or any `RankingModel`, whose own text
+    path (`pair_encoder`) and `scores` are used.
 
     mesh_shape: (data, fsdp, model) sizes over `devices` (default: all local devices), one may be -1;
     (-1, 1, 1) replicates the parameters, (1, -1, 1) shards them fsdp, (1, 2, 4) adds tensor parallelism.
@@ -114,7 +119,7 @@ class Reranker:
     1.79 s over the second call), for about 4% of steady CPU throughput (docs/training.md, "Warm starts").
     """
 
-    def __init__(self, config: T5Config, params: Any, *, tokenizer: T5Tokenizer | None = None,
+    def __init__(self, config: T5Config | RankingModel, params: Any, *, tokenizer: T5Tokenizer | None = None,
                  score_head: str = "difference", dtype: str = "float32", batch_size: int = 32, max_length: int = 512,
                  truncation: str = "document", length_buckets: Sequence[int] | None = None,
                  devices: Sequence[jax.Device] | None = None, mesh_shape: Sequence[int] = (-1, 1, 1),
@@ -129,32 +134,39 @@ class Reranker:
             from twolar_jax.compile_cache import enable_compilation_cache
             cache_dir = enable_compilation_cache()
         self.tokenizer = tokenizer or T5Tokenizer()
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise CheckpointError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model only {config.vocab_size}")
-        self.config = config.replace(dtype=dtype, **({} if scan_layers is None else {"scan_layers": scan_layers}))
-        params = model_scan.match_layout(params, self.config)  # either tree form in, the config's form out
-        self.score_head = score_head
-        self.score_tokens = resolve_score_tokens(self.tokenizer)
-        self.vocab_ids = head_vocab_ids(score_head, self.score_tokens)
-        self.max_length = max_length
-        self.truncation = truncation
+        self.model = self._scoring_model(config, score_head, dtype=dtype, scan_layers=scan_layers)
+        self.config = getattr(self.model, "config", None)
+        if self.model.vocab_size is not None and self.tokenizer.vocab_size > self.model.vocab_size:
+            raise CheckpointError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model only "
+                                  f"{self.model.vocab_size}")
+        self.score_head = getattr(self.model, "score_head", type(self.model).__name__)
+        self.max_length, self.truncation, self.prefetch = max_length, truncation, prefetch
         self.length_buckets = tuple(sorted(set(length_buckets or default_length_buckets(max_length))))
-        self.prefetch = prefetch
+        self._encode = self.model.pair_encoder(self.tokenizer, max_length=max_length, truncation=truncation)
         self.devices = list(devices or jax.local_devices())
-        self.rules = scoring_runtime.check_rules(logical_axis_rules)
-        self.mesh = scoring_runtime.build_mesh(mesh_shape, self.devices)
-        self.parallelism = scoring_runtime.batch_parallelism(self.mesh, self.rules)
+        self.partitioner = scoring_runtime.build_partitioner(mesh_shape, self.devices, logical_axis_rules)
+        self.mesh, self.rules = self.partitioner.mesh, self.partitioner.rules
+        self.parallelism = self.partitioner.batch_parallelism
         # Round the batch up so every batch shard gets the same number of rows.
         self.batch_size = scoring_runtime.round_batch_size(batch_size, self.parallelism)
-        self._batch_sharding = NamedSharding(self.mesh, partitioning.batch_spec(2, self.rules))
-        self.params = scoring_runtime.place_params(params, self.config, self.mesh, self.rules)
+        self._batch_sharding = scoring_runtime.token_sharding(self.partitioner)
+        self.params = scoring_runtime.place_params(self.model.prepare_params(params), self.model, self.partitioner)
         # Compiled scoring programs kept next to the compilation cache (off with it): a fresh process loads
         # them instead of tracing and lowering the model again (docs/training.md, "Warm starts").
         self.executable_cache = executable_cache.for_compilation_cache(cache_dir)
-        self._program = scoring_runtime.ScoreProgram(
-            self.params, config=self.config, head=self.score_head, vocab_ids=self.vocab_ids, rules=self.rules,
-            mesh=self.mesh, batch_sharding=self._batch_sharding, cache=self.executable_cache)
+        self._program = scoring_runtime.ScoreProgram(self.params, model=self.model, partitioner=self.partitioner,
+                                                     cache=self.executable_cache)
         self._dispatched_shapes: set[tuple[int, ...]] = set()
+
+    def _scoring_model(self, model: T5Config | RankingModel, score_head: str, *, dtype: str,
+                       scan_layers: bool | None) -> RankingModel:
+        """A T5Config is the pointwise cross-encoder with `score_head`; any RankingModel scores as it is."""
+        if isinstance(model, RankingModel):
+            if score_head != "difference":
+                raise OptionError(f"score_head={score_head!r}: the model {type(model).__name__} carries its own head")
+        else:
+            model = PointwiseCrossEncoder(model, score_head=score_head, score_tokens=resolve_score_tokens(self.tokenizer))
+        return model.for_scoring(dtype=dtype, scan_layers=scan_layers)
 
     # --- construction ----------------------------------------------------------------------------
     @classmethod
@@ -188,24 +200,6 @@ class Reranker:
     # --- tokenization ----------------------------------------------------------------------------
     def encode_pairs(self, queries: Sequence[str], docs: Sequence[str]) -> list[list[int]]:
         return list(self._encode(zip(queries, docs)))
-
-    def _encode(self, pairs: Iterable[Pair]) -> Iterator[list[int]]:
-        """Token ids per pair (the same as encode_query_document); the query part is encoded once per run
-        of equal queries. Errors name the pair's index."""
-        cached_query, prefix = None, []
-        suffix = self.tokenizer.encode(SUFFIX)
-        for i, (query, doc) in enumerate(pairs):
-            try:
-                if self.truncation != "document":
-                    yield encode_query_document(self.tokenizer, query, doc, max_length=self.max_length,
-                                                truncation=self.truncation)
-                    continue
-                if query != cached_query:
-                    prefix, cached_query = self.tokenizer.encode(QUERY_PREFIX + query + DOCUMENT_MARKER), query
-                yield assemble_pair(list(prefix), self.tokenizer.encode(doc), suffix, max_length=self.max_length,
-                                    eos_id=self.tokenizer.eos_id)
-            except TwolarError as e:
-                raise OptionError(f"pair {i}: {_bad_text(query, doc, e)}") from None
 
     # --- scoring ---------------------------------------------------------------------------------
     def score_pairs(self, queries: Sequence[str] | Sequence[Pair], docs: Sequence[str] | None = None, *,
@@ -241,9 +235,10 @@ class Reranker:
             raise ValueError(f"input {int(lengths.argmax())} has {lengths.max()} tokens, more than the longest "
                              f"length bucket {self.length_buckets[-1]}")
         for i, ids in enumerate(encoded):
-            if len(ids) and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
-                bad = max(ids) if max(ids) >= self.config.vocab_size else min(ids)
-                raise ValueError(f"input {i}: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+            vocab = self.model.vocab_size
+            if len(ids) and vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
+                bad = max(ids) if max(ids) >= vocab else min(ids)
+                raise ValueError(f"input {i}: token id {bad} is outside the vocabulary [0, {vocab})")
         (scores,) = self._stream(self._group_items(0, encoded), show_progress=show_progress)
         return scores
 
@@ -298,24 +293,9 @@ class Reranker:
         return [RankedDoc(str(doc_ids[i]), float(scores[i]), r + 1, docs[i]) for r, i in enumerate(order)]
 
     def describe(self) -> str:
-        return json.dumps({"score": self.score_head, "dtype": self.config.dtype, "batch_size": self.batch_size,
+        return json.dumps({"score": self.score_head, "dtype": str(np.dtype(self.model.param_dtype)), "batch_size": self.batch_size,
                            "max_length": self.max_length, "devices": len(self.devices),
                            "mesh": partitioning.mesh_shape_str(self.mesh)})
-
-
-def _bad_text(query: str, doc: str, error: Exception) -> str:
-    """Which of the pair's texts the tokenizer refused, and why (positions within that text)."""
-    for name, text in (("query", query), ("document", doc)):
-        try:
-            check_encodable(text)
-        except OptionError as e:
-            return f"{name} {_short(text)}: {e}"
-    return f"query {_short(query)}, document {_short(doc)}: {error}"
-
-
-def _short(text: Any, n: int = 40) -> str:
-    text = repr(text)
-    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def _as_pairs(queries: Any, docs: Any) -> list[Pair]:
@@ -325,7 +305,7 @@ def _as_pairs(queries: Any, docs: Any) -> list[Pair]:
         pairs = []
         for i, pair in enumerate(queries):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"score_pairs: pair {i} is {_short(pair)}, expected a (query, doc) tuple")
+                raise TypeError(f"score_pairs: pair {i} is {short_repr(pair)}, expected a (query, doc) tuple")
             pairs.append(tuple(pair))
     else:
         _check_docs("queries", queries)

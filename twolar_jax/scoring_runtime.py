@@ -13,25 +13,22 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import functools
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 
-from twolar_jax import partitioning
+from twolar_jax import compiler_options, partitioning
 from twolar_jax.errors import CheckpointError, OptionError
 from twolar_jax.executable_cache import ExecutableCache, compile_fresh, environment
-from twolar_jax.model.config import T5Config
-from twolar_jax.model.network import T5, logical_axes
+from twolar_jax.partitioner import PartitionedFunction, Partitioner
 from twolar_jax.prefetch import EMPTY, BackgroundIterator
-from twolar_jax.scoring import score_from_selected
+from twolar_jax.ranking.interface import RankingModel
 
 DEFAULT_MESH_SHAPE = (-1, 1, 1)  # replicated parameters, batches split over every device
 _POLL_S = 0.005  # how long the dispatcher waits for the next batch before checking finished results
@@ -50,20 +47,17 @@ def check_mesh_shape(mesh_shape: Any, num_devices: int) -> tuple[int, ...]:
         raise OptionError(f"mesh_shape={tuple(mesh_shape)!r}: {e}") from None
 
 
-def check_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
-    """The rule table (default: gin/mesh/rules.gin), checked to name only mesh axes that exist."""
-    return partitioning.check_rules(rules)
+def build_partitioner(mesh_shape: Sequence[int], devices: Sequence[jax.Device], logical_axis_rules: Any) -> Partitioner:
+    """The scorer's partitioner: `mesh_shape` over `devices` (checked) and the rule table (default: training's)."""
+    return Partitioner.create(check_mesh_shape(mesh_shape, len(devices)), devices=devices,
+                              logical_axis_rules=logical_axis_rules)
 
 
-def build_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device]) -> Mesh:
-    return partitioning.make_mesh(check_mesh_shape(mesh_shape, len(devices)), devices=devices)
-
-
-def place_params(params: Any, config: T5Config, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """Cast to the config's dtype and lay out each parameter by its logical axes (host -> shards directly)."""
-    cast = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+def place_params(params: Any, model: RankingModel, partitioner: Partitioner) -> Any:
+    """Cast to the model's scoring dtype and lay out each parameter by its logical axes (host -> shards directly)."""
+    cast = model.param_dtype
     try:
-        shardings = partitioning.tree_shardings(logical_axes(config), params, mesh, rules)
+        shardings = partitioner.param_shardings(model.param_logical_axes(), params)
     except ValueError as e:
         raise CheckpointError(f"parameters do not match the model config's parameter tree: {e}") from None
 
@@ -83,20 +77,30 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
     return dict(out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "head", "vocab_ids", "rules"))
-def score_batch(params: Any, tokens: jax.Array, *, config: T5Config, head: str, vocab_ids: tuple[int, ...],
-                rules: tuple = ()) -> jax.Array:
-    """Scores of one batch: the one scoring program (the Reranker runs it, `twolar compile --job=score`
-    compiles it for TPU slices). `rules` is static only so that Rerankers with different rule tables do not
-    share a trace: the rules themselves are in scope through `partitioning.activation_context`."""
-    del rules
-    selected = T5(config).apply({"params": params}, tokens, vocab_ids=vocab_ids, method=T5.first_step_logits)
-    return score_from_selected(selected, head)
+def score_function(model: RankingModel) -> Callable[[Any, jax.Array], jax.Array]:
+    """The one scoring program: (params, tokens [rows, length]) -> fp32 scores [rows]. The Reranker runs it,
+    `twolar compile --job=score` compiles it for TPU slices; both partition it with `Partitioner.partition`."""
+    def score(params: Any, tokens: jax.Array) -> jax.Array:
+        return model.scores(params, {model.score_input: tokens})
+    return score
 
 
-# The modules whose source decides what score_batch compiles to: an edit to any of them is a new program.
+def partition_scoring(model: RankingModel, partitioner: Partitioner, params_like: Any) -> PartitionedFunction:
+    """`score_function` jitted with the parameters' and the tokens' shardings (rows split on the batch axes)."""
+    param_shardings = partitioner.param_shardings(model.param_logical_axes(), params_like)
+    rows = partitioner.sharding(("batch",))
+    return partitioner.partition(score_function(model), in_shardings=(param_shardings, token_sharding(partitioner)),
+                                 out_shardings=rows)
+
+
+def token_sharding(partitioner: Partitioner) -> NamedSharding:
+    return partitioner.sharding(("batch", None))
+
+
+# The modules whose source decides what the scoring program compiles to: an edit to any of them is a new program.
 _PROGRAM_SOURCES = tuple(Path(__file__).parent / name for name in (
-    "model/config.py", "model/network.py", "model/scan.py", "scoring.py", "scoring_runtime.py", "partitioning.py"))
+    "model/config.py", "model/network.py", "model/scan.py", "scoring.py", "scoring_runtime.py", "partitioning.py",
+    "partitioner.py", "compiler_options.py", "ranking/interface.py", "ranking/pointwise.py"))
 
 
 def _load_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -114,7 +118,7 @@ _LOAD_POOL_LOCK = threading.Lock()
 
 
 class ScoreProgram:
-    """`score_batch` bound to one Reranker's parameters, mesh and rules: tokens [rows, length] -> scores.
+    """The scoring program bound to one Reranker's model, parameters and partitioner: tokens -> scores.
 
     Without a cache it calls the jit as it always did. With an `ExecutableCache` each tokens shape is
     compiled ahead of time (the same lowering the jit does, so the same executable and scores) and the
@@ -122,22 +126,20 @@ class ScoreProgram:
     again (flan-t5-small: about a second per shape). `prefetch` starts those loads as soon as the batch
     planner knows a window's shapes, while earlier batches run."""
 
-    def __init__(self, params: Any, *, config: T5Config, head: str, vocab_ids: tuple[int, ...],
-                 rules: tuple, mesh: Mesh, batch_sharding: NamedSharding, cache: ExecutableCache | None) -> None:
-        self.params, self.config, self.head, self.vocab_ids = params, config, head, vocab_ids
-        self.rules, self.mesh, self.batch_sharding, self.cache = rules, mesh, batch_sharding, cache
+    def __init__(self, params: Any, *, model: RankingModel, partitioner: Partitioner,
+                 cache: ExecutableCache | None) -> None:
+        self.params, self.model, self.partitioner, self.cache = params, model, partitioner, cache
+        self.fn = partition_scoring(model, partitioner, params)
         self._programs: dict[tuple[int, ...], Any] = {}
         self._pending: dict[tuple[int, ...], concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._base: dict[str, Any] | None = None
-        self._devices = list(mesh.devices.flat)  # the order of the executable's device assignment
+        self._devices = list(partitioner.mesh.devices.flat)  # the order of the executable's device assignment
         self._trees = (jax.tree.structure(((params, 0), {})), jax.tree.structure(0))  # (in, out); tokens: a leaf
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if self.cache is None:
-            with partitioning.activation_context(self.mesh, self.rules):
-                return score_batch(self.params, tokens, config=self.config, head=self.head,
-                                   vocab_ids=self.vocab_ids, rules=self.rules)
+            return self.fn(self.params, tokens)
         shape = tokens.shape
         program = self._programs.get(shape)
         if program is not None:
@@ -173,10 +175,7 @@ class ScoreProgram:
 
     def _load_or_compile(self, tokens: jax.Array) -> tuple[Any, bool]:
         def compile_fn() -> tuple[Any, bool]:
-            with partitioning.activation_context(self.mesh, self.rules):
-                lowered = score_batch.lower(self.params, tokens, config=self.config, head=self.head,
-                                            vocab_ids=self.vocab_ids, rules=self.rules)
-            return compile_fresh(lowered)
+            return compile_fresh(self.fn.lower(self.params, tokens))
 
         return self.cache.get_or_compile(self.description(tokens.shape), compile_fn, in_tree=self._trees[0],
                                          out_tree=self._trees[1], devices=self._devices)
@@ -194,14 +193,17 @@ class ScoreProgram:
             spec = str(sharding.spec) if isinstance(sharding, NamedSharding) else repr(sharding)
             return [partitioning.tree_path_str(path), list(x.shape), str(x.dtype), spec]
 
+        mesh = self.partitioner.mesh
         return {
-            "program": "twolar_jax.scoring_runtime.score_batch",
-            "config": asdict(self.config), "head": self.head, "vocab_ids": list(self.vocab_ids),
-            "rules": [[name, target] for name, target in self.rules],
+            "program": "twolar_jax.scoring_runtime.score_function",
+            "model": {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                      **self.model.describe()},
+            "rules": [[name, target] for name, target in self.partitioner.rules],
+            "compiler_options": compiler_options.for_mesh(mesh),
             "params": [leaf(p, x) for p, x in jax.tree_util.tree_flatten_with_path(self.params)[0]],
-            "mesh": {"axes": list(self.mesh.axis_names), "shape": list(self.mesh.devices.shape),
+            "mesh": {"axes": list(mesh.axis_names), "shape": list(mesh.devices.shape),
                      "device_ids": [d.id for d in self._devices]},
-            "tokens_sharding": str(self.batch_sharding.spec),
+            "tokens_sharding": str(token_sharding(self.partitioner).spec),
             "environment": environment(self._devices, _PROGRAM_SOURCES),
         }
 
@@ -377,11 +379,6 @@ def stream_scores(items: Iterable[Batch | GroupEnd], dispatch: Callable[[np.ndar
         yield from collector.ready()
         if error is not None:
             raise error
-
-
-def batch_parallelism(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
-    """How many ways a batch is split: its row count must be a multiple of this."""
-    return max(1, partitioning.batch_parallelism(mesh, rules))
 
 
 def round_batch_size(batch_size: int, parallelism: int) -> int:

@@ -1,9 +1,4 @@
-"""The T5 / Flan-T5 SentencePiece vocabulary and the reranking template with document-only truncation.
-
-Reference rerankers (TWOLAR's README, `rerankers`) tokenize the whole templated string and cut it from
-the end, so a long passage loses the trailing "Relevant:" the model was trained to answer after. We cut
-document tokens only; `truncation="whole"` keeps the reference behaviour for exact reproduction.
-"""
+"""The T5 / Flan-T5 SentencePiece vocabulary (a model's templates live with the model: twolar_jax.ranking)."""
 from __future__ import annotations
 
 import os
@@ -13,19 +8,10 @@ from typing import Sequence
 
 import sentencepiece as spm
 
-from twolar_jax.errors import MissingFileError, OptionError, check_choice
+from twolar_jax.errors import MissingFileError, OptionError
 from twolar_jax.resources import SPIECE_MODEL
 
 EXTRA_IDS = 100
-# The template, in the pieces the TF input pipeline joins too (data_pipeline imports them from here):
-# "Query: {query} Document: {document} Relevant:".
-QUERY_PREFIX = "Query: "
-DOCUMENT_MARKER = " Document:"
-SUFFIX = "Relevant:"
-TEMPLATE = QUERY_PREFIX + "{query}" + DOCUMENT_MARKER + " {document} " + SUFFIX
-TRUNCATION_MODES = ("document", "whole")
-MIN_MAX_LENGTH = 8  # the template alone needs a few tokens
-DEFAULT_MAX_LENGTH = 512
 _EXTRA_ID = re.compile(r"^<extra_id_(\d+)>$")
 
 
@@ -101,32 +87,3 @@ def check_encodable(text: str) -> None:
         bad = text[e.start:e.end]
         raise OptionError(f"character {e.start} ({bad!r}) is a lone surrogate, not valid Unicode text; decode the "
                           "input with errors='replace' (or drop such characters) before tokenizing") from None
-
-
-def assemble_pair(prefix: list[int], document: list[int], suffix: list[int], *, max_length: int,
-                  eos_id: int = 1) -> list[int]:
-    """prefix + document cut to the budget + suffix + EOS; cuts the query only if even that cannot fit."""
-    budget = max_length - len(prefix) - len(suffix) - 1
-    if budget < 0:
-        # A query longer than the window: keep its start, the "Document:" marker is lost with it.
-        prefix = prefix[: max(0, max_length - len(suffix) - 1)]
-        budget = 0
-    return prefix + document[:budget] + suffix + [eos_id]
-
-
-def check_encoding_options(*, max_length: int, truncation: str) -> None:
-    """Refuse a truncation mode or max_length the template cannot work with, naming the option."""
-    check_choice("truncation", truncation, TRUNCATION_MODES)
-    if not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH:
-        raise OptionError(f"max_length={max_length!r} is too small for the template (need >= {MIN_MAX_LENGTH})")
-
-
-def encode_query_document(tokenizer: T5Tokenizer, query: str, document: str, *, max_length: int = DEFAULT_MAX_LENGTH,
-                          truncation: str = "document") -> list[int]:
-    """Token ids of `Query: {q} Document: {d} Relevant:` + EOS, at most max_length long."""
-    check_encoding_options(max_length=max_length, truncation=truncation)
-    if truncation == "whole":
-        ids = tokenizer.encode(TEMPLATE.format(query=query, document=document))
-        return ids[: max_length - 1] + [tokenizer.eos_id]
-    return assemble_pair(tokenizer.encode(QUERY_PREFIX + query + DOCUMENT_MARKER), tokenizer.encode(document),
-                         tokenizer.encode(SUFFIX), max_length=max_length, eos_id=tokenizer.eos_id)

@@ -3,9 +3,9 @@ r"""Distillation training entry point (t5x style).
     python -m twolar_jax.train --gin_file=experiments/twolar_flan_t5_large_rank_net.gin \
         --gin.MODEL_DIR="'/tmp/run'" --gin.DISTILL_JSONL="'/data/distill.jsonl'"
 
-`train(...)` is a plain keyword-only function (importable and testable) that wires three parts: the
-setup and state (train_setup.py), the loop (train_loop.py), and finishing (last checkpoint, last
-validation, the operative config, an HF export). The batches come from a source that gin builds: the run
+`train(...)` is a plain keyword-only function (importable and testable): it builds the ranking model (the
+pointwise cross-encoder of a T5 preset, or any `RankingModel`), the partitioner and a `trainer.Trainer`, which
+owns the steps, loop, validation and checkpoints; this module keeps the gin entry, signals and the HF export. The batches come from a source that gin builds: the run
 file imports the task module (data_pipeline.seqio_input.tasks), so this module never imports the data
 side. Multi-host: pass --multiprocess (plus --coordinator_address/--process_count/--process_index on bare
 GPU hosts); each host reads its own data shard (shard_index = jax.process_index()). See docs/training.md.
@@ -20,14 +20,16 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from twolar_jax import (checkpointing, entry, gin_utils, partitioning, stop_signals, summaries, trainer,
-                        user_paths)
+from twolar_jax import checkpointing, entry, gin_utils, partitioning, stop_signals, summaries, user_paths
 from twolar_jax.checkpointing import CheckpointConfig
-from twolar_jax.errors import OptionError, check_choice
-from twolar_jax.model.config import T5Config
+from twolar_jax.errors import OptionError
+from twolar_jax.model.config import T5Config, resolve_model_config
 from twolar_jax.optimizers import OptimizerConfig
-from twolar_jax.train_loop import BatchSource, LoggingConfig, LoopResult, ValidationConfig, Validator, run_loop
-from twolar_jax.train_setup import create_or_restore, prepare, resolve_model_config, seed_rngs
+from twolar_jax.partitioner import Partitioner
+from twolar_jax.ranking.interface import RankingModel
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
+from twolar_jax.train_loop import GROUPS_WITHOUT_PAIRS, BatchSource, LoggingConfig, ValidationConfig
+from twolar_jax.trainer import Trainer
 
 log = logging.getLogger("twolar_jax.train")
 
@@ -49,7 +51,7 @@ def train(
     model_dir: str,
     train_batches: BatchSource,
     total_steps: int,
-    model: str | T5Config | Mapping[str, Any] = "tiny",
+    model: str | T5Config | Mapping[str, Any] | RankingModel = "tiny",
     model_overrides: Optional[Mapping[str, Any]] = None,
     init_checkpoint: Optional[str] = None,
     optimizer: OptimizerConfig = OptimizerConfig(),
@@ -68,89 +70,69 @@ def train(
     export_hf_dir: Optional[str] = None,
     groups_without_pairs: str = "error",
 ) -> TrainResult:
-    """Train a T5 student on teacher-ordered passage groups; resumes from MODEL_DIR's latest checkpoint.
+    """Train a student on teacher-ordered passage groups; resumes from MODEL_DIR's latest checkpoint.
 
-    A step is one optimizer update over a global batch (all hosts' batches together), split into
-    `num_microbatches` for gradient accumulation. The mesh spans all devices unless `num_devices`
-    picks the first few (single-process only). The data position (batches consumed) is saved with
-    each checkpoint and passed back to `train_batches(skip_batches=...)` on resume.
-    groups_without_pairs: a batch in which no query has two real passages is an error ("error"), or is
-    skipped, logged and counted ("skip"; the step then leaves the model and optimizer unchanged).
-    Every option is checked here, before any file is written or any device memory is allocated.
-    SIGTERM or Ctrl-C (`stop_signals`; on a pod, JAX's preemption notice on any host) stops the run after
-    the step in progress, whose checkpoint is saved (`TrainResult.stopped_by`); nothing is exported then.
+    `model`: a T5 preset name, T5Config or its dict (the pointwise cross-encoder, with `loss`, `loss_options`
+    and `score_head`), or any `RankingModel`. A step is one optimizer update over a global batch (all hosts'
+    batches together), split into `num_microbatches` for gradient accumulation. The mesh spans all devices
+    unless `num_devices` picks the first few (single-process only). The data position is saved with each
+    checkpoint and passed back to `train_batches(skip_batches=...)` on resume. groups_without_pairs: a batch
+    with nothing to learn from is an error ("error"), or is skipped, logged and counted ("skip").
+    Every option is checked before any file is written or any device memory is allocated. SIGTERM or
+    Ctrl-C (`stop_signals`; on a pod, JAX's preemption notice on any host) stops the run after the step in
+    progress, whose checkpoint is saved (`TrainResult.stopped_by`); nothing is exported then.
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
         raise OptionError(f"train.total_steps must be an integer >= 0, got {total_steps!r}")
-    check_choice("train.groups_without_pairs", groups_without_pairs, trainer.GROUPS_WITHOUT_PAIRS)
     if not model_dir:
         raise OptionError("train.model_dir is required (MODEL_DIR)")
-    config = resolve_model_config(model, model_overrides)
-    spec = trainer.make_step_spec(loss=loss, loss_options=loss_options, score_head=score_head,
-                                  num_microbatches=num_microbatches, enable_dropout=enable_dropout)
-    setup = prepare(config=config, total_steps=total_steps, optimizer=optimizer, spec=spec, mesh_shape=mesh_shape,
-                    num_devices=num_devices, logical_axis_rules=logical_axis_rules, seed=seed)
+    ranking_model = build_model(model, model_overrides, loss=loss, loss_options=loss_options, score_head=score_head)
+    partitioner = Partitioner.create(mesh_shape, devices=select_devices(num_devices),
+                                     logical_axis_rules=logical_axis_rules, option="train.logical_axis_rules")
+    trainer = Trainer(ranking_model, partitioner, optimizer=optimizer, total_steps=total_steps,
+                      num_microbatches=num_microbatches, enable_dropout=enable_dropout, seed=seed)
     is_chief = jax.process_index() == 0
-    if is_chief:
-        checkpointing.write_model_config(model_dir, config)
-    manager = checkpointing.make_manager(model_dir, max_to_keep=checkpoints.keep, async_save=checkpoints.async_save)
-    writers: list[summaries.SummaryWriter] = []
+    write_gin = logging_config.write_gin_config and is_chief
     with stop_signals.StopRequest(jax.process_count()) as stop:  # SIGTERM, Ctrl-C: save the step, stop
-        try:
-            start = create_or_restore(setup, manager, resume=checkpoints.resume, init_checkpoint=init_checkpoint,
-                                      seed=seed)
-            start_step = int(jax.device_get(start.state.step))  # the state is donated to the first step
-            writers = _open_writers(model_dir, logging_config, validation is not None, start.restored_step)
-            writer = writers[0]
-            validator = Validator(setup, validation, writers[1] if validation else None)
-            if validation is not None and validation.at_start and start_step < total_steps:
-                validator(start_step, start.state.params)
-
-            def on_first_step(step: int) -> None:
-                if logging_config.write_gin_config and is_chief:
-                    _write_gin_config(model_dir, writer, step)
-
-            result = run_loop(setup, start, train_batches=train_batches, total_steps=total_steps,
-                              dropout_rng=seed_rngs(seed)[1], manager=manager, checkpoints=checkpoints,
-                              logging_config=logging_config, writer=writer, validator=validator,
-                              on_first_step=on_first_step, groups_without_pairs=groups_without_pairs, stop=stop)
-            _finish(result, start_step, manager, validator, model_dir=model_dir, writer=writer,
-                    write_gin_config=logging_config.write_gin_config and is_chief)
-        finally:
-            manager.wait_until_finished()  # also on a stop or an error: a started checkpoint is finished
-            manager.close()
-            for w in writers:
-                w.close()
+        result = trainer.fit(model_dir=model_dir, train_batches=train_batches, total_steps=total_steps,
+                             checkpoints=checkpoints, logging_config=logging_config, validation=validation,
+                             init_checkpoint=init_checkpoint, groups_without_pairs=groups_without_pairs, stop=stop,
+                             on_first_step=lambda step, writer: write_gin and _write_gin_config(model_dir, writer, step),
+                             on_finish=lambda step, writer: write_gin and _write_gin_config(model_dir, writer, step))
     if export_hf_dir and not result.stopped_by:  # every process: the restore is collective on a pod
         out = checkpointing.export_hf(model_dir, export_hf_dir)
         if is_chief:
             log.info("exported step %d to %s", result.step, out)
     return TrainResult(step=result.step, model_dir=str(model_dir), train_metrics=result.last_train,
-                       eval_metrics=validator.last, batches_consumed=result.batches_consumed,
+                       eval_metrics=result.last_eval, batches_consumed=result.batches_consumed,
                        stopped_early=result.stopped_early, batches_without_pairs=result.batches_without_pairs,
                        stopped_by=result.stopped_by)
 
 
-def _open_writers(model_dir: str, logging_config: LoggingConfig, validation: bool,
-                  restored_step: Optional[int]) -> list[summaries.SummaryWriter]:
-    """The train (and validation) writers, their JSONL cut back to the restored step (0: a fresh start)."""
-    splits = ("train", "validation") if validation else ("train",)
-    return [summaries.SummaryWriter(model_dir, split, tensorboard=logging_config.tensorboard,
-                                    truncate_after=restored_step or 0) for split in splits]
+def build_model(model: str | T5Config | Mapping[str, Any] | RankingModel, overrides: Optional[Mapping[str, Any]],
+                *, loss: str, loss_options: Optional[Mapping[str, Any]], score_head: str) -> RankingModel:
+    """train.model as a RankingModel: a given one as it is, else the pointwise cross-encoder of the T5 config."""
+    if isinstance(model, RankingModel):
+        pointwise = {"model_overrides": overrides, "loss": loss != "rank_net", "loss_options": loss_options,
+                     "score_head": score_head != "difference"}
+        set_here = [f"train.{k}" for k, v in pointwise.items() if v]
+        if set_here:
+            raise OptionError(f"{', '.join(set_here)}: train.model is a {type(model).__name__}, which carries its "
+                              "own config, loss and head; set them on it")
+        return model
+    return PointwiseCrossEncoder(resolve_model_config(model, overrides), score_head=score_head, loss_name=loss,
+                                 loss_options=tuple(sorted((loss_options or {}).items())))
 
 
-def _finish(result: LoopResult, start_step: int, manager, validator: Validator, *, model_dir: str,
-            writer: summaries.SummaryWriter, write_gin_config: bool) -> None:
-    """The last checkpoint (if the loop moved), the last validation (unless just done, or the run was
-    stopped by a signal: a preempted host has seconds), the operative config."""
-    if result.step > start_step and manager.latest_step() != result.step:
-        checkpointing.save(manager, result.state, data_state={"batches_consumed": result.batches_consumed},
-                           force=True)
-        log.info("checkpoint for step %d started in %s", result.step, manager.directory)
-    if validator.validation is not None and validator.last_step != result.step and not result.stopped_by:
-        validator(result.step, result.state.params)
-    if write_gin_config:
-        _write_gin_config(model_dir, writer, result.step)
+def select_devices(num_devices: Optional[int]) -> Optional[list[jax.Device]]:
+    """All devices (None), or the first `num_devices` (single-process debugging and tests only)."""
+    if num_devices is None:
+        return None
+    if jax.process_count() > 1:
+        raise OptionError("train.num_devices is for single-process runs; multi-host meshes use every device")
+    if not 1 <= num_devices <= jax.device_count():
+        raise OptionError(f"train.num_devices={num_devices}: {jax.device_count()} devices are available")
+    return jax.devices()[:num_devices]
 
 
 def _write_gin_config(model_dir: str, writer: summaries.SummaryWriter, step: int) -> None:
@@ -182,7 +164,7 @@ def _flags(argv: Sequence[str]) -> argparse.Namespace:
                         help="MODEL_DIR: checkpoints, config.gin, metrics (same as --gin.MODEL_DIR=\"'DIR'\")")
     parser.add_argument("--skip_invalid", action="store_true",
                         help="skip invalid distillation lines, counted and logged (binds SKIP_INVALID = True)")
-    parser.add_argument("--groups_without_pairs", choices=trainer.GROUPS_WITHOUT_PAIRS, default=None,
+    parser.add_argument("--groups_without_pairs", choices=GROUPS_WITHOUT_PAIRS, default=None,
                         help="a batch with no query of two real passages: 'error' (default) or 'skip' "
                              "(binds train.groups_without_pairs)")
     parser.add_argument("--multiprocess", action="store_true", help="call jax.distributed.initialize")

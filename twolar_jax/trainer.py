@@ -1,314 +1,286 @@
-"""Pure train and eval steps for listwise distillation, and their jit with shardings.
+"""The trainer: one object that owns a run's partitioned steps, its loop, validation and checkpoints, for
+any ranking model (twolar_jax.ranking.interface).
 
-A batch is a dict of arrays (see BATCH_FEATURES): B queries, N passages each, L tokens per
-passage. The student scores every (query, passage) pair with one encoder pass and one decoder step
-(the [B*N, L] flattened tokens), a score head turns the first-step logits into [B, N] scores, and a
-listwise loss compares them with the teacher's order.
-
-Gradient accumulation is a scan over micro-batches inside the step, followed by one optimizer
-update. The loss is normalised per query over the whole global batch (sum of per-query losses
-divided by the number of queries that have at least two real passages), so an update with
-`num_microbatches=M` equals the update on the whole batch at once, whatever the masks look like.
+`Trainer(model, partitioner, ...)` lays out the abstract train state by the model's logical axes (nothing
+allocated), then `fit` restores MODEL_DIR's latest checkpoint (or starts from an init checkpoint, or fresh),
+steps to `total_steps` (or until the data runs out, or a stop signal: that step is saved), validates every
+`period` steps and at the end, and writes the metrics. Restores go onto abstract targets built from the
+*current* mesh and rules, so a checkpoint written on one layout resumes on another (t5x/MaxText habit).
+The gin entry, signals and the HF export are `train.py`'s.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, Mapping
+import itertools
+import logging
+from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import linen as nn
 
-from twolar_jax import compiler_options, losses, partitioning, ranking_metrics, scoring
-from twolar_jax.errors import OptionError, TwolarError
-from twolar_jax.model.config import T5Config
-from twolar_jax.model.network import T5
+from twolar_jax import checkpointing, host_heap, summaries, train_state
+from twolar_jax.checkpointing import CheckpointConfig
+from twolar_jax.errors import OptionError
+from twolar_jax.lockstep_batches import lockstep_batches
+from twolar_jax.optimizers import OptimizerConfig
+from twolar_jax.partitioner import PartitionedFunction, Partitioner
+from twolar_jax.ranking.features import BatchError
+from twolar_jax.ranking.interface import RankingModel
+from twolar_jax.stop_signals import StopRequest
+from twolar_jax.train_loop import (BatchCheck, BatchSource, LoggingConfig, LoopResult, MetricsWindow,
+                                   ValidationConfig)
 from twolar_jax.train_state import TrainState
+from twolar_jax.train_step import make_eval_step, make_train_step, step_rngs
 
-Batch = Mapping[str, Any]
-Metrics = dict[str, jax.Array]
-
-# name -> (rank, kind, required). Kinds: "int" (any integer dtype), "float", "intbool".
-BATCH_FEATURES: dict[str, tuple[int, str, bool]] = {
-    "encoder_input_tokens": (3, "int", True),  # [B, N, L]
-    "teacher_ranks": (2, "int", True),  # [B, N], 0 = the teacher's best
-    "passage_mask": (2, "intbool", True),  # [B, N], 1 = real passage
-    "teacher_scores": (2, "float", False),  # [B, N], for margin_mse
-}
+__all__ = ["BatchError", "StartState", "Trainer", "initial_params"]
+log = logging.getLogger("twolar_jax.train")
+Hook = Callable[[int, summaries.SummaryWriter], Any]
 
 
-def select_features(batch: Batch) -> dict[str, Any]:
-    """The model features only (a batch may carry qids or texts for logging)."""
-    return {k: v for k, v in batch.items() if k in BATCH_FEATURES}
+@dataclasses.dataclass
+class StartState:
+    """Where the loop starts: the state, how many batches were consumed, and the step it was restored from."""
+
+    state: TrainState
+    batches_consumed: int
+    restored_step: Optional[int]  # None: a fresh start (random init or an init checkpoint)
 
 
-class BatchError(TwolarError, ValueError):
-    """A batch that does not match BATCH_FEATURES (names, ranks, dtypes, shapes)."""
+def initial_params(model: RankingModel, seed: int) -> Any:
+    """The parameters a run with this seed starts from (no init_checkpoint): "student before training"."""
+    return model.init_params(step_rngs(seed)[0])
 
 
-def validate_batch(
-    batch: Batch,
-    *,
-    group_size: int | None = None,
-    max_length: int | None = None,
-    batch_size: int | None = None,
-    where: str = "batch",
-) -> None:
-    """Check names, ranks, dtypes and shapes on the host, before anything is traced or placed.
+class Trainer:
+    """A run's static parts (model, partitioner, optimizer, the state's layout) and its partitioned steps."""
 
-    The message names the feature and the shapes, so a data bug does not surface as an XLA error.
-    """
-    if not isinstance(batch, Mapping):
-        raise BatchError(f"{where}: expected a dict of arrays, got {type(batch).__name__}")
-    missing = [k for k, (_, _, req) in BATCH_FEATURES.items() if req and k not in batch]
-    if missing:
-        raise BatchError(f"{where}: missing feature(s) {missing}; got {sorted(batch)}")
-    shapes = {k: tuple(np.shape(v)) for k, v in batch.items()}
-    for name, (rank, kind, _) in BATCH_FEATURES.items():
-        if name not in batch:
-            continue
-        value = batch[name]
-        shape, dtype = shapes[name], np.dtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype)
-        if len(shape) != rank:
-            raise BatchError(f"{where}: feature {name!r} must have rank {rank}, got shape {shape}")
-        ok = {
-            "int": np.issubdtype(dtype, np.integer),
-            "float": np.issubdtype(dtype, np.floating),
-            "intbool": np.issubdtype(dtype, np.integer) or dtype == np.bool_,
-        }[kind]
-        if not ok:
-            raise BatchError(f"{where}: feature {name!r} has dtype {dtype}, expected {kind.replace('intbool', 'int or bool')}")
-    b, n, length = shapes["encoder_input_tokens"]
-    for name in ("teacher_ranks", "passage_mask", "teacher_scores"):
-        if name in shapes and shapes[name] != (b, n):
-            raise BatchError(
-                f"{where}: feature {name!r} has shape {shapes[name]} but encoder_input_tokens has shape "
-                f"{(b, n, length)}; expected {(b, n)} ([batch, num_passages])")
-    if group_size is not None and n != group_size:
-        raise BatchError(f"{where}: encoder_input_tokens has {n} passages per query (shape {(b, n, length)}), "
-                         f"expected group_size={group_size}")
-    if max_length is not None and length > max_length:
-        raise BatchError(f"{where}: encoder_input_tokens has length {length} (shape {(b, n, length)}) > max_length={max_length}")
-    if batch_size is not None and b != batch_size:
-        raise BatchError(f"{where}: batch has {b} queries (encoder_input_tokens shape {(b, n, length)}), expected {batch_size}")
+    def __init__(self, model: RankingModel, partitioner: Partitioner, *, optimizer: OptimizerConfig,
+                 total_steps: int, num_microbatches: int = 1, enable_dropout: bool = True, seed: int = 0):
+        if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
+            raise OptionError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}")
+        self.model, self.partitioner, self.seed = model, partitioner, seed
+        self.num_microbatches = num_microbatches
+        self.tx, self.schedule = optimizer.build(total_steps)
+        self.init_rng, self.dropout_rng = step_rngs(seed)
+        self.shapes = train_state.abstract_state(model.init_params, self.tx, self.init_rng)
+        self.shardings = train_state.state_shardings(self.shapes, model.param_logical_axes(), partitioner.mesh,
+                                                     partitioner.rules)
+        self._train_fn = make_train_step(model, self.tx, self.schedule, num_microbatches=num_microbatches,
+                                         enable_dropout=enable_dropout)
+        self._eval_fn = make_eval_step(model)
+        self._train_step: Optional[PartitionedFunction] = None
+        self._eval_steps: dict[tuple, PartitionedFunction] = {}
+        self.validation: Optional[ValidationConfig] = None
+        self.last_eval: Optional[dict[str, float]] = None
+        self.last_eval_step: Optional[int] = None
+        log.info("mesh %s over %d devices (%d processes)", partitioner.describe(), partitioner.mesh.size,
+                 jax.process_count())
 
+    # --- the partitioned steps --------------------------------------------------------------------
+    def train_step(self, batch_like: Any) -> PartitionedFunction:
+        """The train step, partitioned for batches shaped like `batch_like`; the state is donated."""
+        if self._train_step is None:
+            p = self.partitioner
+            batch_sh = p.batch_shardings(batch_like, self.model.batch_features)
+            self._train_step = p.partition(self._train_fn, in_shardings=(self.shardings, batch_sh, p.replicated()),
+                                           out_shardings=(self.shardings, p.replicated()), donate_argnums=(0,))
+        return self._train_step
 
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-    """What a step computes, beside the model: loss, score head and accumulation."""
+    def eval_step(self, batch_like: Any) -> PartitionedFunction:
+        """The eval step for one batch shape (a validation set's last batch may have its own)."""
+        key = tuple((k, np.shape(v)) for k, v in sorted(batch_like.items()))
+        if key not in self._eval_steps:
+            p = self.partitioner
+            batch_sh = p.batch_shardings(batch_like, self.model.batch_features)
+            self._eval_steps[key] = p.partition(self._eval_fn, in_shardings=(self.shardings.params, batch_sh),
+                                                out_shardings=p.replicated())
+        return self._eval_steps[key]
 
-    loss: str = "rank_net"
-    loss_options: tuple[tuple[str, Any], ...] = ()
-    score_head: str = "difference"
-    score_tokens: scoring.ScoreTokens | None = None  # None: looked up in the default vocabulary
-    num_microbatches: int = 1
-    enable_dropout: bool = True
-    ndcg_k: int | None = 10
+    def shard(self, host_batch: Any) -> dict[str, jax.Array]:
+        return self.partitioner.shard_batch(host_batch, self.model.batch_features)
 
-    def __post_init__(self) -> None:
-        scoring.check_head(self.score_head)
-        losses.get_loss(self.loss)
-        if self.score_tokens is None:
-            object.__setattr__(self, "score_tokens", scoring.default_score_tokens())
-        if any(k == "reduction" for k, _ in self.loss_options):
-            raise OptionError("loss_options: 'reduction' is set by the trainer (per-query mean over the global batch)")
-        if self.num_microbatches < 1:
-            raise OptionError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
+    @property
+    def restore_target(self) -> TrainState:
+        return train_state.with_shardings(self.shapes, self.shardings)
 
-    def per_query_loss(self) -> Callable[..., jax.Array]:
-        return functools.partial(losses.get_loss(self.loss), reduction="none", **dict(self.loss_options))
+    # --- the start --------------------------------------------------------------------------------
+    def start(self, manager: Any, *, resume: bool, init_checkpoint: Optional[str]) -> StartState:
+        """MODEL_DIR's latest checkpoint when there is one (and `resume`), else init_checkpoint, else random."""
+        restored = checkpointing.restore(manager, self.restore_target) if resume else None
+        if restored is not None:
+            state, meta = restored
+            consumed = int(meta.get("batches_consumed", meta["step"]))
+            log.info("resumed from step %d (checkpoint %s/%d, %d batches consumed)", meta["step"],
+                     manager.directory, meta["step"], consumed)
+            return StartState(state, consumed, int(meta["step"]))
+        if init_checkpoint:
+            params = self.model.load_init_checkpoint(init_checkpoint)
+            log.info("initialised from the checkpoint %s", init_checkpoint)
+            return StartState(train_state.place_params(params, self.tx, self.shardings), 0, None)
+        state = train_state.init_sharded_state(self.model.init_params, self.tx, self.init_rng, self.shardings)
+        return StartState(state, 0, None)
 
+    # --- validation -------------------------------------------------------------------------------
+    def evaluate(self, params: Any, validation: ValidationConfig) -> dict[str, float]:
+        """Query-weighted means of the eval metrics over (up to max_batches of) the validation data.
 
-def make_step_spec(*, loss: str = "rank_net", loss_options: Mapping[str, Any] | None = None, **kw: Any) -> StepSpec:
-    return StepSpec(loss=loss, loss_options=tuple(sorted((loss_options or {}).items())), **kw)
+        Every host steps through its shard's batches in lockstep with the others, each batch padded to one
+        shape the batch sharding divides (`lockstep_batches`: a short last batch, or shards of different sizes)."""
+        totals: dict[str, float] = {}
+        weight = 0.0
+        source = validation.batches(shard_index=jax.process_index(), num_shards=jax.process_count(), skip_batches=0)
+        if validation.max_batches is not None:
+            source = itertools.islice(source, validation.max_batches)
+        for batch in lockstep_batches(source, parallelism=self.partitioner.batch_parallelism,
+                                      process_count=jax.process_count(), features=self.model.batch_features):
+            fresh = len(self._eval_steps)
+            metrics = jax.device_get(self.eval_step(batch)(params, self.shard(batch)))
+            if len(self._eval_steps) > fresh:
+                host_heap.trim()  # a new shape compiled: its garbage back to the system, when the heap is kept
+            n = float(metrics["num_queries"])
+            if n == 0:  # nothing weighed (padding alone): its means are undefined and weigh nothing
+                continue
+            for k, v in metrics.items():
+                if k != "num_queries":
+                    totals[k] = totals.get(k, 0.0) + float(v) * n
+            weight += n
+        if weight == 0:
+            raise BatchError("validation: the source yielded no batch with a ranked query")
+        return {**{k: v / weight for k, v in totals.items()}, "num_queries": weight}
 
+    def validate(self, step: int, params: Any, writer: Optional[summaries.SummaryWriter]) -> None:
+        if self.validation is None:
+            return
+        self.last_eval, self.last_eval_step = self.evaluate(params, self.validation), step
+        if writer is not None:
+            writer.scalars(step, self.last_eval)
 
-def compute_scores(
-    model: T5, params: Any, encoder_tokens: jax.Array, spec: StepSpec, *, dropout_rng: jax.Array | None = None
-) -> jax.Array:
-    """fp32 scores [B, N] from tokens [B, N, L]: all pairs go through the model as one [B*N, L] batch."""
-    b, n, length = encoder_tokens.shape
-    flat = encoder_tokens.reshape(b * n, length)
-    flat = nn.with_logical_constraint(flat, ("batch", "length"))
-    enable_dropout = dropout_rng is not None
-    logits = model.apply(
-        {"params": params},
-        flat,
-        enable_dropout=enable_dropout,
-        vocab_ids=scoring.head_vocab_ids(spec.score_head, spec.score_tokens),
-        method=T5.first_step_logits,
-        rngs={"dropout": dropout_rng} if enable_dropout else None,
-    )
-    return scoring.score_from_selected(logits, spec.score_head).reshape(b, n)
+    def validation_due(self, step: int) -> bool:
+        v = self.validation
+        return bool(v and v.period and step % v.period == 0)
 
+    # --- the run ----------------------------------------------------------------------------------
+    def fit(self, *, model_dir: str, train_batches: BatchSource, total_steps: int,
+            checkpoints: CheckpointConfig = CheckpointConfig(), logging_config: LoggingConfig = LoggingConfig(),
+            validation: Optional[ValidationConfig] = None, init_checkpoint: Optional[str] = None,
+            groups_without_pairs: str = "error", stop: Optional[StopRequest] = None,
+            on_first_step: Hook = lambda step, writer: None, on_finish: Hook = lambda step, writer: None) -> LoopResult:
+        """Restore or start, step, checkpoint, validate and finish (the last checkpoint and validation, then
+        `on_finish`); the checkpoint manager and the metric writers are closed on any exit, a started save
+        finished. The hooks get the step and the train writer (train.py writes the operative gin config)."""
+        self.validation = validation
+        check = BatchCheck(self.model, num_microbatches=self.num_microbatches,
+                           batch_parallelism=self.partitioner.batch_parallelism,
+                           groups_without_pairs=groups_without_pairs)
+        config = self.model.checkpoint_config()
+        if config is not None and jax.process_index() == 0:
+            checkpointing.write_model_config(model_dir, config)
+        manager = checkpointing.make_manager(model_dir, max_to_keep=checkpoints.keep, async_save=checkpoints.async_save)
+        writers: list[summaries.SummaryWriter] = []
+        try:
+            start = self.start(manager, resume=checkpoints.resume, init_checkpoint=init_checkpoint)
+            start_step = int(jax.device_get(start.state.step))  # the state is donated to the first step
+            writers = _open_writers(model_dir, logging_config, validation is not None, start.restored_step)
+            if validation is not None and validation.at_start and start_step < total_steps:
+                self.validate(start_step, start.state.params, writers[1])
+            loop = _Loop(self, check, manager, checkpoints, logging_config, writers, stop, on_first_step)
+            result = loop.run(start, train_batches, total_steps)
+            self._finish(result, start_step, manager, writers)
+            on_finish(result.step, writers[0])
+            return result
+        finally:
+            manager.wait_until_finished()  # also on a stop or an error: a started checkpoint is finished
+            manager.close()
+            for w in writers:
+                w.close()
 
-def query_weights(mask: jax.Array) -> jax.Array:
-    """1.0 for a query with at least two real passages (a ranking to learn from), else 0.0."""
-    return (jnp.sum(mask != 0, axis=-1) >= 2).astype(jnp.float32)
-
-
-def keep_unless(update: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where the scalar `update` is true, else `old`, leaf by leaf (inside jit: no host sync)."""
-    return jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)
-
-
-def count_ranked_queries(passage_mask: Any) -> int:
-    """Host-side: how many queries of a batch have at least two real passages (a pair to learn from)."""
-    return int(np.sum(np.sum(np.asarray(passage_mask) != 0, axis=-1) >= 2))
-
-
-GROUPS_WITHOUT_PAIRS = ("error", "skip")
-
-
-def _loss_sum(model, params, mb: Batch, spec: StepSpec, dropout_rng) -> tuple[jax.Array, jax.Array]:
-    scores = compute_scores(model, params, mb["encoder_input_tokens"], spec, dropout_rng=dropout_rng)
-    per_query = spec.per_query_loss()(scores, mb["teacher_ranks"], mb["passage_mask"], mb.get("teacher_scores"))
-    weights = query_weights(mb["passage_mask"])
-    return jnp.sum(per_query * weights), scores
-
-
-def _split_microbatches(batch: Batch, m: int) -> Batch:
-    """[B, ...] -> [M, B/M, ...], micro-batch k = rows k, M+k, 2M+k, ...: each device keeps its own rows."""
-    def split(x):
-        b = x.shape[0]
-        y = x.reshape((b // m, m) + x.shape[1:])
-        y = jnp.swapaxes(y, 0, 1)
-        return nn.with_logical_constraint(y, (None, "batch") + (None,) * (x.ndim - 1))
-    return {k: split(v) for k, v in batch.items()}
-
-
-def _merge_microbatches(x: jax.Array) -> jax.Array:
-    """Inverse of _split_microbatches for [M, B/M, ...] outputs."""
-    y = jnp.swapaxes(x, 0, 1)
-    return y.reshape((-1,) + x.shape[2:])
-
-
-def _metrics(scores, batch: Batch, spec: StepSpec) -> Metrics:
-    return ranking_metrics.ranking_metrics(scores, batch["teacher_ranks"], batch["passage_mask"], ndcg_k=spec.ndcg_k)
-
-
-def make_train_step(
-    config: T5Config,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule | None,
-    spec: StepSpec,
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
-    """train_step(state, batch, rng) -> (new_state, metrics); pure, so it can be jitted and sharded.
-
-    `rng` is the run's base key; the step folds in its own step number, so a resumed run draws the
-    same dropout masks as an uninterrupted one.
-    """
-    model = T5(config)
-    m = spec.num_microbatches
-
-    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
-        batch = {k: v for k, v in batch.items() if k in BATCH_FEATURES}
-        step_rng = jax.random.fold_in(rng, state.step)
-        grad_fn = jax.value_and_grad(functools.partial(_loss_sum, model), has_aux=True)
-
-        def micro(params, mb, k):
-            dropout_rng = jax.random.fold_in(step_rng, k) if spec.enable_dropout else None
-            (loss_sum, scores), grads = grad_fn(params, mb, spec, dropout_rng)
-            return loss_sum, grads, scores
-
-        if m == 1:
-            loss_sum, grad_sum, scores = micro(state.params, batch, 0)
-        else:
-            if batch["encoder_input_tokens"].shape[0] % m:
-                raise BatchError(f"batch of {batch['encoder_input_tokens'].shape[0]} queries does not split into "
-                                 f"num_microbatches={m}")
-            mbs = _split_microbatches(batch, m)
-
-            def body(carry, xs):
-                acc_loss, acc_grads = carry
-                mb, k = xs
-                loss_sum, grads, scores = micro(state.params, mb, k)
-                acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
-                return (acc_loss + loss_sum, acc_grads), scores
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (loss_sum, grad_sum), scores = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                                        (mbs, jnp.arange(m)))
-            scores = _merge_microbatches(scores)
-        ranked = jnp.sum(query_weights(batch["passage_mask"]))
-        count = jnp.maximum(ranked, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grad_sum)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A batch without a comparable pair teaches nothing: leave params and optimizer state as they were
-        # (AdamW's weight decay and moment decay would still move them on a zero gradient).
-        params, opt_state = keep_unless(ranked > 0, (params, opt_state), (state.params, state.opt_state))
-        metrics = {
-            "loss": loss_sum / count,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "num_queries": ranked,
-            "queries_without_pairs": batch["passage_mask"].shape[0] - ranked,
-            "skipped_no_pairs": (ranked == 0).astype(jnp.float32),
-            **_metrics(scores, batch, spec),
-        }
-        if schedule is not None:
-            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
+    def _finish(self, result: LoopResult, start_step: int, manager: Any,
+                writers: list[summaries.SummaryWriter]) -> None:
+        """The last checkpoint (if the loop moved), the last validation (unless just done, or the run was
+        stopped by a signal: a preempted host has seconds)."""
+        if result.step > start_step and manager.latest_step() != result.step:
+            checkpointing.save(manager, result.state, data_state={"batches_consumed": result.batches_consumed},
+                               force=True)
+            log.info("checkpoint for step %d started in %s", result.step, manager.directory)
+        if self.validation is not None and self.last_eval_step != result.step and not result.stopped_by:
+            self.validate(result.step, result.state.params, writers[1])
+        result.last_eval = self.last_eval
 
 
-def make_eval_step(config: T5Config, spec: StepSpec) -> Callable[[Any, Batch], Metrics]:
-    """eval_step(params, batch) -> metrics (no dropout); `num_queries` weighs batch averages."""
-    model = T5(config)
-
-    def eval_step(params: Any, batch: Batch) -> Metrics:
-        batch = {k: v for k, v in batch.items() if k in BATCH_FEATURES}
-        loss_sum, scores = _loss_sum(model, params, batch, spec, None)
-        ranked = jnp.sum(query_weights(batch["passage_mask"]))
-        # num_queries weighs this batch in the validation mean: a batch without a pair weighs nothing.
-        return {"loss": loss_sum / jnp.maximum(ranked, 1.0), "num_queries": ranked, **_metrics(scores, batch, spec)}
-
-    return eval_step
+def _open_writers(model_dir: str, logging_config: LoggingConfig, validation: bool,
+                  restored_step: Optional[int]) -> list[summaries.SummaryWriter]:
+    """The train (and validation) writers, their JSONL cut back to the restored step (0: a fresh start)."""
+    splits = ("train", "validation") if validation else ("train",)
+    return [summaries.SummaryWriter(model_dir, split, tensorboard=logging_config.tensorboard,
+                                    truncate_after=restored_step or 0) for split in splits]
 
 
-class PartitionedStep:
-    """A jitted step that runs with the mesh and the logical-axis rules in scope.
+class _Loop:
+    """One pass of the training loop over a Trainer: batches in, partitioned steps, metrics windows,
+    checkpoints, periodic validation, and a stop after the step in progress."""
 
-    The rules must be active while tracing so the model's logical constraints turn into sharding
-    constraints; calls after the first reuse the compiled executable. It compiles with the XLA options
-    of the mesh's platform (`compiler_options.for_mesh`: the memory-optimised scheduler on CPU).
-    """
+    def __init__(self, trainer: Trainer, check: BatchCheck, manager: Any, checkpoints: CheckpointConfig,
+                 logging_config: LoggingConfig, writers: list[summaries.SummaryWriter],
+                 stop: Optional[StopRequest], on_first_step: Callable) -> None:
+        self.trainer, self.check, self.manager, self.checkpoints = trainer, check, manager, checkpoints
+        self.logging, self.writers, self.stop, self.on_first_step = logging_config, writers, stop, on_first_step
+        self.window = MetricsWindow(trainer.model)
 
-    def __init__(self, fn: Callable, mesh, rules, *, in_shardings, out_shardings, donate_argnums=()):
-        self.mesh, self.rules = mesh, rules
-        self.jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                              donate_argnums=donate_argnums, compiler_options=compiler_options.for_mesh(mesh))
+    def run(self, start: StartState, train_batches: BatchSource, total_steps: int) -> LoopResult:
+        from twolar_jax.progress import progress_bar
 
-    def __call__(self, *args):
-        with partitioning.activation_context(self.mesh, self.rules):
-            return self.jitted(*args)
+        state, consumed = start.state, start.batches_consumed
+        step = first_step = int(jax.device_get(state.step))
+        last_train, stopped_early, stopped_by = {}, False, None
+        iterator = iter(train_batches(shard_index=jax.process_index(), num_shards=jax.process_count(),
+                                      skip_batches=consumed)) if step < total_steps else iter(())
+        bar = progress_bar(total=total_steps, initial=step, desc="train",
+                           disable=not (self.logging.progress and jax.process_index() == 0))
+        try:
+            while step < total_steps:
+                host_batch = next(iterator, None)
+                if host_batch is None:
+                    stopped_early = True
+                    log.warning("training data ran out after %d batches, at step %d of %d", consumed, step, total_steps)
+                    break
+                host_batch = self.check(host_batch, consumed)
+                state, metrics = self.trainer.train_step(host_batch)(state, self.trainer.shard(host_batch),
+                                                                     self.trainer.dropout_rng)
+                consumed, step = consumed + 1, step + 1
+                last_train = self._after_step(step, first_step, total_steps, state, metrics, host_batch, consumed,
+                                              bar) or last_train
+                bar.update(1)
+                if self.stop is not None and self.stop.due(step):
+                    stopped_by = self.stop.name
+                    log.warning("stopping at step %d of %d (%s)", step, total_steps, stopped_by)
+                    break
+                if self.trainer.validation_due(step):
+                    self.trainer.validate(step, state.params, self.writers[1])
+        except BaseException:
+            bar.fail()
+            raise
+        finally:
+            bar.close()
+            if self.window.pending:  # also on an interrupt: keep the metrics of the steps that did run
+                last_train = self.window.flush(self.writers[0])
+        if self.check.skipped:
+            log.warning("%d training batches had nothing to learn from and left the model unchanged",
+                        self.check.skipped)
+        return LoopResult(state, step, consumed, last_train, self.trainer.last_eval, stopped_early,
+                          self.check.skipped, stopped_by)
 
-    def lower(self, *args):
-        with partitioning.activation_context(self.mesh, self.rules):
-            return self.jitted.lower(*args)
-
-    def trace(self, *args):
-        """The traced step (its jaxpr; `.lower()` continues), e.g. for abstract arguments (twolar_jax.aot)."""
-        with partitioning.activation_context(self.mesh, self.rules):
-            return self.jitted.trace(*args)
-
-
-def partition_train_step(
-    train_step: Callable, mesh, rules, state_shardings: TrainState, batch_like: Batch
-) -> PartitionedStep:
-    """jit with explicit in/out shardings; the state is donated (updated in place on device)."""
-    rep = partitioning.replicated(mesh)
-    batch_sh = partitioning.batch_shardings(batch_like, mesh, rules)
-    return PartitionedStep(train_step, mesh, rules, in_shardings=(state_shardings, batch_sh, rep),
-                           out_shardings=(state_shardings, rep), donate_argnums=(0,))
-
-
-def partition_eval_step(eval_step: Callable, mesh, rules, param_shardings: Any, batch_like: Batch) -> PartitionedStep:
-    rep = partitioning.replicated(mesh)
-    batch_sh = partitioning.batch_shardings(batch_like, mesh, rules)
-    return PartitionedStep(eval_step, mesh, rules, in_shardings=(param_shardings, batch_sh), out_shardings=rep)
+    def _after_step(self, step: int, first_step: int, total_steps: int, state: TrainState, metrics: Any,
+                    host_batch: Any, consumed: int, bar: Any) -> Optional[dict[str, float]]:
+        """Metrics window, first-step hooks and the periodic checkpoint; the flushed metrics, if a window closed."""
+        self.window.add(step, metrics, host_batch)
+        if step == first_step + 1:
+            host_heap.trim()  # the compiler's freed memory back to the system, when the heap is kept
+            self.on_first_step(step, self.writers[0])
+        flushed = None
+        if step % max(1, self.logging.period) == 0 or step == total_steps:
+            flushed = self.window.flush(self.writers[0])
+            bar.set_postfix({k: f"{flushed[k]:.4f}" for k in ("loss", "kendall_tau") if k in flushed})
+        if checkpointing.save(self.manager, state, data_state={"batches_consumed": consumed},
+                              period=self.checkpoints.period):
+            log.info("checkpoint for step %d started in %s", step, self.manager.directory)
+        return flushed

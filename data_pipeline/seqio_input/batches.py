@@ -1,6 +1,7 @@
 """What the trainer iterates: numpy batches of listwise groups, from seqio (primary) or plain Python.
 
-Batch (B = per-host batch, N = group_size, L = max_length):
+Batch (B = per-host batch, N = group_size, L = max_length), declared in
+twolar_jax.ranking.features.LISTWISE_GROUP_BATCH:
     encoder_input_tokens int32 [B, N, L], teacher_ranks int32 [B, N], passage_mask int32 [B, N]
     (1 = real passage), teacher_scores float32 [B, N].
 """
@@ -13,8 +14,8 @@ import numpy as np
 
 from data_pipeline.distill_format import DistillRecord
 from twolar_jax.errors import OptionError
-from twolar_jax.groups import FEATURES as MODEL_FEATURES
-from twolar_jax.groups import group_features
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH
+from twolar_jax.ranking.pointwise_inputs import group_features
 
 if TYPE_CHECKING:
     from data_pipeline.seqio_input.tasks import DistillFiles
@@ -86,14 +87,14 @@ def seqio_batches(*, task_or_mixture: str, split: str, batch_size: int, group_si
 
 # ------------------------------------------------------------------------------------------------------
 # Pure numpy path (no TensorFlow): the same batches from in-memory records, for tests of other modules
-# and small runs. Same tokenization and group rule (twolar_jax.tokenizer, twolar_jax.groups) as the seqio path.
+# and small runs. Same tokenization and group rule (twolar_jax.ranking.pointwise_inputs) as the seqio path.
 
 
 def batches_from_records(records: Sequence[DistillRecord] | Iterable[DistillRecord], *, tokenizer: Any,
                          batch_size: int, group_size: int, max_length: int, truncation: str = "document",
                          padding: str = "mask", shuffle: bool = False, seed: Optional[int] = None,
                          repeat: bool = False, drop_remainder: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of model features from records (tokenizer: twolar_jax.tokenizer.T5Tokenizer).
+    """Batches of model features (LISTWISE_GROUP_BATCH) from records (tokenizer: twolar_jax.tokenizer.T5Tokenizer).
 
     shuffle draws a new seeded permutation of the records each epoch (random.Random(seed + epoch)).
     """
@@ -114,7 +115,7 @@ def batches_from_records(records: Sequence[DistillRecord] | Iterable[DistillReco
             groups = [group_features(records[i].query, [c.text for c in records[i].candidates],
                                      records[i].teacher_scores, tokenizer=tokenizer, group_size=group_size,
                                      max_length=max_length, truncation=truncation, padding=padding) for i in chunk]
-            yield {k: np.stack([g[k] for g in groups]) for k in MODEL_FEATURES}
+            yield {k: np.stack([g[k] for g in groups]) for k in LISTWISE_GROUP_BATCH.names}
         epoch += 1
         if not repeat:
             return

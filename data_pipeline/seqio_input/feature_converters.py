@@ -1,6 +1,7 @@
 """Task features of a listwise group -> the student's model features (no packing: groups are rank 2).
 
-Model features, per example (batching adds the leading B):
+Model features, per example (batching adds the leading B), as declared once in
+twolar_jax.ranking.features.LISTWISE_GROUP_BATCH (MODEL_FEATURES is built from it):
     encoder_input_tokens  int32   [N, L]  one templated passage per row, 0-padded
     teacher_ranks         int32   [N]     0..n-1 for real passages; padding rows continue n..N-1
     passage_mask          int32   [N]     1 for a real passage, 0 for padding
@@ -15,10 +16,23 @@ from typing import Mapping
 
 import seqio
 
-from data_pipeline.seqio_input.preprocessors import AUTOTUNE, group_and_length
+from data_pipeline.seqio_input.preprocessors import AUTOTUNE, group_and_length, tf_dtype
 from data_pipeline.seqio_input.tf_env import tf
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH, Feature, FeatureSet
 
 Spec = seqio.FeatureConverter.FeatureSpec
+
+
+def example_spec(feature: Feature) -> Spec:
+    """A batched feature's per-example seqio spec: the batch dim is dropped, and a rank-2 feature
+    ([group, length]) is a sequence along its second axis, as seqio pads and checks it."""
+    rank = feature.rank - 1
+    return Spec(dtype=tf_dtype(feature), rank=rank, sequence_dim=1 if rank == 2 else 0)
+
+
+def model_feature_specs(batch: FeatureSet) -> dict[str, Spec]:
+    """seqio's MODEL_FEATURES from the model's batch declaration, so the two cannot drift apart."""
+    return {feature.name: example_spec(feature) for feature in batch}
 
 
 class DistillFeatureConverter(seqio.FeatureConverter):
@@ -33,12 +47,7 @@ class DistillFeatureConverter(seqio.FeatureConverter):
         "teacher_ranks": Spec(dtype=tf.int32),
         "teacher_scores": Spec(dtype=tf.float32),
     }
-    MODEL_FEATURES = {
-        "encoder_input_tokens": Spec(dtype=tf.int32, rank=2, sequence_dim=1),
-        "teacher_ranks": Spec(dtype=tf.int32),
-        "passage_mask": Spec(dtype=tf.int32),
-        "teacher_scores": Spec(dtype=tf.float32),
-    }
+    MODEL_FEATURES = model_feature_specs(LISTWISE_GROUP_BATCH)
     PACKING_FEATURE_DTYPES = None
 
     def __init__(self, pack: bool = False, apply_length_check: bool = False, **kwargs):
@@ -80,8 +89,9 @@ class DistillFeatureConverter(seqio.FeatureConverter):
         return ds.map(fn, num_parallel_calls=AUTOTUNE)
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, object]) -> Mapping[str, int]:
+        """Each declared feature's length along its sequence axis: per example, a feature is [N] or [N, L]."""
         n_max, length = group_and_length(task_feature_lengths)
-        lengths = {"encoder_input_tokens": length, "teacher_ranks": n_max, "passage_mask": n_max, "teacher_scores": n_max}
+        lengths = {name: (n_max, length)[spec.sequence_dim] for name, spec in self.MODEL_FEATURES.items()}
         for name in self._passthrough_features:
             lengths[name] = task_feature_lengths[name]
         return lengths

@@ -1,7 +1,8 @@
 """seqio preprocessors for listwise distillation: pick a group of teacher-ordered candidates, tokenize
 each as `Query: {q} Document: {d} Relevant:` + EOS with document-only truncation.
 
-Raw examples (what the sources yield, one per query):
+Raw examples (what the sources yield, one per query; declared once as
+twolar_jax.ranking.features.DISTILL_RECORD, from which RAW_SIGNATURE is built):
     qid, query, query_type: tf.string scalars
     docids, texts: tf.string [n]            candidates in teacher order, best first
     teacher_scores: tf.float32 [n]          zeros when the record has none
@@ -13,8 +14,9 @@ Task features after these preprocessors:
 Group size N and length L come from `sequence_length["inputs"] = [N, L]` (see `feature_lengths`), so the
 trainer's gin decides them; the keyword defaults apply when a caller gives no sequence_length.
 
-The template pieces, truncation modes and group padding rule come from twolar_jax (tokenizer.py,
-groups.py); tokenization reproduces twolar_jax.tokenizer.encode_query_document id for id (tested):
+The template pieces, truncation modes and group padding rule come from twolar_jax.ranking.pointwise_inputs
+(this module is its TF twin); tokenization reproduces pointwise_inputs.encode_query_document id for id
+(tests/test_data_tasks.py):
 "document": encode(f"Query: {q} Document:") + encode(d)[:budget] + encode("Relevant:") + [EOS], where
 budget = L - |prefix| - |suffix| - 1 (the query prefix itself is cut only if it alone overflows);
 "whole": encode(f"Query: {q} Document: {d} Relevant:")[:L-1] + [EOS] (TWOLAR's reference truncation).
@@ -26,22 +28,27 @@ from typing import Mapping, Optional, Sequence, Union
 import seqio
 
 from data_pipeline.seqio_input.tf_env import tf
-from twolar_jax.groups import DEFAULT_GROUP_SIZE, TWOLAR_PADDING_PASSAGE, check_group_options
-from twolar_jax.tokenizer import (DEFAULT_MAX_LENGTH, DOCUMENT_MARKER, QUERY_PREFIX, SUFFIX, T5Tokenizer,
-                                  check_encoding_options)
+from twolar_jax.ranking.features import DISTILL_RECORD, Feature, FeatureSet
+from twolar_jax.ranking.pointwise_inputs import (DEFAULT_GROUP_SIZE, DEFAULT_MAX_LENGTH, DOCUMENT_MARKER,
+                                                 QUERY_PREFIX, SUFFIX, TWOLAR_PADDING_PASSAGE,
+                                                 check_encoding_options, check_group_options)
+from twolar_jax.tokenizer import T5Tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
 EOS_ID = T5Tokenizer.eos_id
 
-RAW_SIGNATURE = {
-    "qid": tf.TensorSpec([], tf.string),
-    "query": tf.TensorSpec([], tf.string),
-    "query_type": tf.TensorSpec([], tf.string),
-    "docids": tf.TensorSpec([None], tf.string),
-    "texts": tf.TensorSpec([None], tf.string),
-    "teacher_scores": tf.TensorSpec([None], tf.float32),
-    "has_teacher_scores": tf.TensorSpec([], tf.bool),
-}
+
+def tf_dtype(feature: Feature) -> tf.dtypes.DType:
+    """A declared dtype in TensorFlow's terms (the declaration is framework-neutral: "string" etc.)."""
+    return tf.as_dtype(feature.dtype)
+
+
+def tensor_signature(features: FeatureSet) -> dict[str, tf.TensorSpec]:
+    """One unbatched example's TensorSpecs from its declaration: every dimension is of unknown size."""
+    return {f.name: tf.TensorSpec([None] * f.rank, tf_dtype(f)) for f in features}
+
+
+RAW_SIGNATURE = tensor_signature(DISTILL_RECORD)
 
 LengthSpec = Union[int, Sequence[int]]
 
@@ -73,7 +80,8 @@ def select_group(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str
 
     padding="mask": short groups stay short; the feature converter pads them and masks the padding.
     padding="twolar": fill up to N with TWOLAR's "<padding_passage>" texts (docid ""), which count as
-    real passages ranked last, as in the reference code. Their teacher score is (lowest real score - 1).
+    real passages ranked last, as in the reference code. Their teacher score is (lowest real score - 1),
+    or 0 when the record has no teacher scores.
     """
     check_group_options(group_size=group_size, padding=padding)
     n_max, _ = group_and_length(sequence_length, group_size=group_size)
@@ -87,7 +95,8 @@ def select_group(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str
             fill = n_max - tf.shape(texts)[0]
             texts = tf.concat([texts, tf.fill([fill], TWOLAR_PADDING_PASSAGE)], axis=0)
             docids = tf.concat([docids, tf.fill([fill], "")], axis=0)
-            low = tf.reduce_min(scores) - 1.0
+            # A record without teacher scores keeps zeros throughout, as pointwise_inputs.group_features does.
+            low = tf.where(ex["has_teacher_scores"], tf.reduce_min(scores) - 1.0, 0.0)
             scores = tf.concat([scores, tf.fill([fill], low)], axis=0)
         ex["texts"], ex["docids"], ex["teacher_scores"] = texts, docids, scores
         ex["teacher_ranks"] = tf.range(tf.shape(texts)[0], dtype=tf.int32)

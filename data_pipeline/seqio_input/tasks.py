@@ -37,8 +37,9 @@ from data_pipeline.seqio_input.tf_env import tf
 from data_pipeline.seqio_input.vocab import get_vocabulary
 from twolar_jax import gin_utils
 from twolar_jax.errors import FormatError, MissingFileError
-from twolar_jax.groups import DEFAULT_GROUP_SIZE, check_group_options
-from twolar_jax.tokenizer import DEFAULT_MAX_LENGTH, check_encoding_options
+from twolar_jax.ranking.features import DISTILL_RECORD
+from twolar_jax.ranking.pointwise_inputs import (DEFAULT_GROUP_SIZE, DEFAULT_MAX_LENGTH, check_encoding_options,
+                                                 check_group_options)
 
 TASK_PREFIX = "twolar_distill"
 QUERY_TYPES = ("crop", "doct5query", "msmarco")
@@ -103,8 +104,8 @@ def jsonl_dataset(index: DistillIndex, *, query_type: Optional[str] = None, shuf
 
     def to_example(i):
         lo, hi = cols["row_splits"][i], cols["row_splits"][i + 1]
-        example = {k: cols[k][i] for k in ("qid", "query", "query_type", "has_teacher_scores")}
-        example.update({k: cols[k][lo:hi] for k in ("docids", "texts", "teacher_scores")})
+        # DISTILL_RECORD: a scalar per record, or one value per candidate (sliced by the row splits).
+        example = {f.name: cols[f.name][i] if f.rank == 0 else cols[f.name][lo:hi] for f in DISTILL_RECORD}
         return {k: tf.ensure_shape(v, prep.RAW_SIGNATURE[k].shape) for k, v in example.items()}
 
     return ds.map(to_example, num_parallel_calls=prep.AUTOTUNE, deterministic=True)

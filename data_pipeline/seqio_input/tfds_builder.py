@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 
 from twolar_jax import entry, user_paths
 from twolar_jax.errors import FormatError
+from twolar_jax.ranking.features import DISTILL_RECORD, Feature, FeatureSet
 
 if __name__ == "__main__":
     # Quiet the console before TensorFlow loads, then run the module under its own name: TFDS locates a
@@ -37,6 +38,21 @@ PathLike = Union[str, os.PathLike]
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
 
 
+def tfds_feature(feature: Feature) -> tfds.features.FeatureConnector:
+    """A declared feature as TFDS stores it: strings as Text, other dtypes as Scalar, one Sequence per
+    dimension. Stored datasets depend on this mapping: changing it makes existing builds unreadable."""
+    connector = tfds.features.Text() if feature.dtype == "string" else \
+        tfds.features.Scalar(dtype=tf.as_dtype(feature.dtype))
+    for _ in feature.dims:
+        connector = tfds.features.Sequence(connector)
+    return connector
+
+
+def tfds_features(record: FeatureSet) -> tfds.features.FeaturesDict:
+    """The FeaturesDict of a stored-example declaration (DISTILL_RECORD for this builder)."""
+    return tfds.features.FeaturesDict({feature.name: tfds_feature(feature) for feature in record})
+
+
 class TwolarDistill(tfds.core.GeneratorBasedBuilder):
     """Distillation queries with their teacher-ordered candidates (registered as "twolar_distill")."""
 
@@ -54,19 +70,8 @@ class TwolarDistill(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        text = tfds.features.Text()
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "qid": text,
-                "query": text,
-                "query_type": text,
-                "docids": tfds.features.Sequence(tfds.features.Text()),
-                "texts": tfds.features.Sequence(tfds.features.Text()),
-                "teacher_scores": tfds.features.Sequence(tfds.features.Scalar(dtype=tf.float32)),
-                "has_teacher_scores": tfds.features.Scalar(dtype=tf.bool),
-            }),
-            supervised_keys=None,
-        )
+        """Features from DISTILL_RECORD, the same record the JSONL source yields (RAW_SIGNATURE)."""
+        return self.dataset_info_from_configs(features=tfds_features(DISTILL_RECORD), supervised_keys=None)
 
     def _split_generators(self, dl_manager):
         manual = Path(dl_manager.manual_dir)
@@ -92,14 +97,11 @@ class TwolarDistill(tfds.core.GeneratorBasedBuilder):
 
 
 def to_raw_example(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """TFDS example -> the raw example the preprocessors expect (same keys; fixes dtypes)."""
+    """TFDS example -> the raw example the preprocessors expect: DISTILL_RECORD's keys, with numbers cast
+    to its dtypes (the preprocessors' graph is built for RAW_SIGNATURE, the same declaration)."""
     def fn(ex):
-        return {
-            "qid": ex["qid"], "query": ex["query"], "query_type": ex["query_type"],
-            "docids": ex["docids"], "texts": ex["texts"],
-            "teacher_scores": tf.cast(ex["teacher_scores"], tf.float32),
-            "has_teacher_scores": tf.cast(ex["has_teacher_scores"], tf.bool),
-        }
+        return {f.name: ex[f.name] if f.dtype == "string" else tf.cast(ex[f.name], tf.as_dtype(f.dtype))
+                for f in DISTILL_RECORD}
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 

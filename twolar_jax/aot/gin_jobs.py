@@ -33,10 +33,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 import gin
 
-from twolar_jax import gin_utils, partitioning, resources, trainer
+from twolar_jax import gin_utils, partitioning, resources
 from twolar_jax.errors import OptionError
-from twolar_jax.model.config import T5Config
+from twolar_jax.model.config import resolve_model_config
 from twolar_jax.optimizers import OptimizerConfig
+from twolar_jax.ranking.interface import RankingModel
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
 
 DATA_PACKAGE = "data_pipeline"
 DATA_CONFIGURABLES = ("seqio_batches", "DistillFiles")
@@ -55,9 +57,10 @@ _UNBOUND_MACRO = re.compile(r"No bindings specified for '(?P<name>\w+)/gin\.macr
 class TrainJob:
     """A training step as the gin files configure it, plus its global batch shape."""
 
-    config: T5Config
+    model: RankingModel
     optimizer: OptimizerConfig
-    spec: trainer.StepSpec
+    num_microbatches: int
+    enable_dropout: bool
     mesh_shape: tuple[int, ...]
     rules: tuple
     total_steps: int
@@ -66,15 +69,19 @@ class TrainJob:
     group_size: int  # passages per query
     max_length: int  # tokens per passage
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The batch's dimension sizes by the names the model's feature declaration uses."""
+        return {"batch": self.batch_size, "group_size": self.group_size, "max_length": self.max_length}
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreJob:
     """The reranker's scoring function on a [batch_size, max_length] batch of token ids."""
 
-    config: T5Config  # dtype set to the scoring dtype
+    model: RankingModel  # computing in the scoring dtype
     mesh_shape: tuple[int, ...]
     rules: tuple
-    score_head: str
     batch_size: int
     max_length: int
 
@@ -200,14 +207,12 @@ def _rules(value: Optional[Sequence]) -> tuple:
 
 def train_job() -> TrainJob:
     """The train step of the parsed gin files (parse_job_gin first)."""
-    from twolar_jax.train_setup import resolve_model_config
+    from twolar_jax.train import build_model
 
-    spec = trainer.make_step_spec(loss=_train_arg("loss"), loss_options=_train_arg("loss_options"),
-                                  score_head=_train_arg("score_head"),
-                                  num_microbatches=_train_int("num_microbatches", 1),
-                                  enable_dropout=_train_arg("enable_dropout"))
-    return TrainJob(config=resolve_model_config(_train_model(), _train_arg("model_overrides")),
-                    optimizer=_train_arg("optimizer"), spec=spec,
+    model = build_model(_train_model(), _train_arg("model_overrides"), loss=_train_arg("loss"),
+                        loss_options=_train_arg("loss_options"), score_head=_train_arg("score_head"))
+    return TrainJob(model=model, optimizer=_train_arg("optimizer"),
+                    num_microbatches=_train_int("num_microbatches", 1), enable_dropout=_train_arg("enable_dropout"),
                     mesh_shape=_mesh_shape(), rules=_rules(_train_arg("logical_axis_rules")),
                     total_steps=_train_int("total_steps", 0) or 1, seed=_train_int("seed", None),
                     batch_size=_macro("BATCH_SIZE"), group_size=_macro("GROUP_SIZE"),
@@ -216,13 +221,12 @@ def train_job() -> TrainJob:
 
 def score_job(*, batch_size: int, max_length: int, dtype: Optional[str]) -> ScoreJob:
     """The scoring function for the parsed gin files' model (MODEL_CONFIG), mesh and rules."""
-    from twolar_jax.train_setup import resolve_model_config
-
-    config = resolve_model_config(_train_model())  # never train()'s default 'tiny' when no file names a model
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
+    model = _train_model()  # never train()'s default 'tiny' when no file names a model
+    if not isinstance(model, RankingModel):
+        model = PointwiseCrossEncoder(resolve_model_config(model), score_head=_bound("SCORE_HEAD", "difference"))
+    model = model.for_scoring(dtype=dtype or getattr(getattr(model, "config", None), "dtype", "float32"),
+                              scan_layers=None)
     if batch_size < 1 or max_length < 1:
         raise OptionError(f"--batch_size={batch_size} --max_length={max_length}: both must be >= 1")
-    return ScoreJob(config=config, mesh_shape=tuple(_bound("MESH_SHAPE", (-1, 1, 1))),
-                    rules=_rules(_bound("LOGICAL_AXIS_RULES", None)),
-                    score_head=_bound("SCORE_HEAD", "difference"), batch_size=batch_size, max_length=max_length)
+    return ScoreJob(model=model, mesh_shape=tuple(_bound("MESH_SHAPE", (-1, 1, 1))),
+                    rules=_rules(_bound("LOGICAL_AXIS_RULES", None)), batch_size=batch_size, max_length=max_length)

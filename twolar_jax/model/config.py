@@ -258,3 +258,31 @@ def preset(name: str, **overrides: Any) -> T5Config:
         return PRESETS[key].replace(**overrides) if overrides else PRESETS[key]
     except ValueError as e:
         raise OptionError(str(e).replace("T5Config.", "model_preset.", 1)) from None
+
+
+def resolve_model_config(model: str | T5Config | Mapping[str, Any],
+                         overrides: Optional[Mapping[str, Any]] = None) -> T5Config:
+    """A preset name ('tiny', 'flan-t5-base', ...), a T5Config or its dict, plus field overrides.
+
+    A bad preset, field or value (dtype, attention, ...) is an OptionError naming train.model or
+    train.model_overrides, raised before anything is built."""
+    try:
+        if isinstance(model, T5Config):
+            config = model
+        elif isinstance(model, str):
+            try:
+                config = preset(model)
+            except OptionError as e:  # preset names its gin binding (model_preset.name); here it is train.model
+                raise OptionError(f"train.model={model!r}: {str(e).split(': ', 1)[-1]}") from None
+        elif isinstance(model, Mapping):
+            config = T5Config.from_dict(model)
+        else:
+            raise OptionError(f"train.model: expected a preset name, T5Config or dict, got {type(model).__name__}")
+    except (ValueError, TypeError) as e:
+        if isinstance(e, OptionError):
+            raise
+        raise OptionError(f"train.model={model!r}: {e}") from None
+    try:
+        return config.replace(**dict(overrides)) if overrides else config
+    except (ValueError, TypeError) as e:
+        raise OptionError(f"train.model_overrides={dict(overrides)!r}: {e}") from None
