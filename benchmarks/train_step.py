@@ -85,12 +85,14 @@ def make_jax_step(config, params, batch, tokens):
     """Our jitted step (state donated); returns (step() -> metrics, state_ready())."""
     import jax
 
-    from twolar_jax import compiler_options, optimizers, trainer
+    from twolar_jax import compiler_options, optimizers
+    from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
     from twolar_jax.train_state import TrainState
+    from twolar_jax.train_step import make_train_step
 
     opt, schedule = optimizers.make_optimizer(learning_rate=5e-5, weight_decay=0.01, clip_norm=1.0)
-    spec = trainer.make_step_spec(loss="rank_net", score_tokens=tokens, enable_dropout=False)
-    jitted = jax.jit(trainer.make_train_step(config, opt, schedule, spec), donate_argnums=(0,),
+    model = PointwiseCrossEncoder(config, loss_name="rank_net", score_tokens=tokens)
+    jitted = jax.jit(make_train_step(model, opt, schedule, enable_dropout=False), donate_argnums=(0,),
                      compiler_options=compiler_options.for_platform(jax.default_backend()))  # as the trainer does
     holder = {"state": TrainState.create(jax.device_put(params), opt)}
     batch = jax.device_put(batch)

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import synthetic_batch, tiny_config
-from twolar_jax import checkpointing, optimizers, partitioning, train_state, trainer
+from twolar_jax import checkpointing, optimizers, partitioning, train_state
 from twolar_jax.model import network
+from twolar_jax.partitioner import Partitioner
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
+from twolar_jax.train_step import make_train_step
 
 RULES = partitioning.load_logical_axis_rules()
 CONFIG = tiny_config(dropout_rate=0.0)
@@ -28,11 +32,13 @@ def saved(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("mesh_ckpt")
     opt, schedule, mesh, init, shapes, shardings = _layout((4, 1, 2))
     state = train_state.init_sharded_state(init, opt, jax.random.PRNGKey(0), shardings)
-    batch = trainer.select_features(synthetic_batch(0))
-    step = trainer.partition_train_step(trainer.make_train_step(CONFIG, opt, schedule, trainer.make_step_spec()),
-                                        mesh, RULES, shardings, batch)
+    batch = LISTWISE_GROUP_BATCH.select(synthetic_batch(0))
+    p = Partitioner(mesh, RULES)
+    step = p.partition(make_train_step(PointwiseCrossEncoder(CONFIG), opt, schedule),
+                       in_shardings=(shardings, p.batch_shardings(batch, LISTWISE_GROUP_BATCH), p.replicated()),
+                       out_shardings=(shardings, p.replicated()), donate_argnums=(0,))
     for i in range(2):
-        state, _ = step(state, partitioning.shard_batch(trainer.select_features(synthetic_batch(i)), mesh, RULES),
+        state, _ = step(state, p.shard_batch(LISTWISE_GROUP_BATCH.select(synthetic_batch(i)), LISTWISE_GROUP_BATCH),
                         jax.random.PRNGKey(1))
     assert state.params["token_embedder"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("model", "fsdp")
     manager = checkpointing.make_manager(model_dir)

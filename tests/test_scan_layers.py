@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec
 
 from tests.test_sharding_golden import golden_path
 from tests.train_helpers import synthetic_batch
-from twolar_jax import checkpointing, optimizers, partitioning, train_state, trainer
+from twolar_jax import checkpointing, optimizers, partitioning, train_state
 from twolar_jax.errors import CheckpointError
 from twolar_jax.generation import generate
 from twolar_jax.hf_conversion import load_hf_checkpoint, params_to_hf, save_hf_checkpoint
@@ -22,7 +22,10 @@ from twolar_jax.model import network
 from twolar_jax.model.config import T5Config, preset
 from twolar_jax.model.network import T5
 from twolar_jax.model.scan import is_scanned, match_layout, stack_layers, unstack_layers
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
 from twolar_jax.scoring import ScoreTokens
+from twolar_jax.train_step import make_train_step
 
 # Small, random, fp32; 3 encoder and 2 decoder layers so the two stacks' lengths differ.
 CONFIG = T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=3,
@@ -214,14 +217,14 @@ def test_scan_sharding_is_the_golden_dump_plus_a_replicated_layers_axis(model, m
 
 def test_scan_adamw_step_equals_unrolled_step(params, stacked):
     """One AdamW train step (with the "matrices" weight-decay mask) updates both forms identically."""
-    batch = trainer.select_features(synthetic_batch(0, batch_size=2, group_size=3, max_length=12))
+    batch = LISTWISE_GROUP_BATCH.select(synthetic_batch(0, batch_size=2, group_size=3, max_length=12))
     batch["encoder_input_tokens"] = batch["encoder_input_tokens"] % CONFIG.vocab_size
     opt, schedule = optimizers.make_optimizer(learning_rate=1e-2, weight_decay=0.1, weight_decay_mask="matrices")
-    spec = trainer.make_step_spec(loss="rank_net", enable_dropout=False,
-                                  score_tokens=ScoreTokens(true_id=5, false_id=6, extra_id=7))
+    score_tokens = ScoreTokens(true_id=5, false_id=6, extra_id=7)
     results = []
     for config, p in ((CONFIG, params), (SCANNED, stacked)):
-        step = jax.jit(trainer.make_train_step(config, opt, schedule, spec))
+        model = PointwiseCrossEncoder(config, loss_name="rank_net", score_tokens=score_tokens)
+        step = jax.jit(make_train_step(model, opt, schedule, enable_dropout=False))
         state, metrics = step(train_state.TrainState.create(p, opt), batch, jax.random.PRNGKey(0))
         results.append((jax.device_get(state.params), float(metrics["loss"])))
     (want, want_loss), (got, got_loss) = results
@@ -245,14 +248,14 @@ WIDE = CONFIG.replace(d_model=128, d_ff=160, num_heads=2, d_kv=16)
 
 def _train_both_forms(opt, schedule, steps: int):
     """`steps` jitted train steps from the same init in the unrolled and the scanned form: (params, losses) each."""
-    batch = trainer.select_features(synthetic_batch(0, batch_size=2, group_size=3, max_length=12))
+    batch = LISTWISE_GROUP_BATCH.select(synthetic_batch(0, batch_size=2, group_size=3, max_length=12))
     batch["encoder_input_tokens"] = batch["encoder_input_tokens"] % WIDE.vocab_size
-    spec = trainer.make_step_spec(loss="rank_net", enable_dropout=False,
-                                  score_tokens=ScoreTokens(true_id=5, false_id=6, extra_id=7))
+    score_tokens = ScoreTokens(true_id=5, false_id=6, extra_id=7)
     unrolled = network.init_params(WIDE, jax.random.PRNGKey(3))
     results = []
     for config, p in ((WIDE, unrolled), (WIDE.replace(scan_layers=True), stack_layers(unrolled, WIDE))):
-        step = jax.jit(trainer.make_train_step(config, opt, schedule, spec))
+        model = PointwiseCrossEncoder(config, loss_name="rank_net", score_tokens=score_tokens)
+        step = jax.jit(make_train_step(model, opt, schedule, enable_dropout=False))
         state, losses = train_state.TrainState.create(p, opt), []
         for _ in range(steps):
             state, metrics = step(state, batch, jax.random.PRNGKey(0))

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import synthetic_batch, tiny_config
-from twolar_jax import optimizers, partitioning, train_state, trainer
+from twolar_jax import optimizers, partitioning, train_state
 from twolar_jax.model import network
+from twolar_jax.optimizers import OptimizerConfig
+from twolar_jax.partitioner import Partitioner
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
+from twolar_jax.trainer import Trainer
 
 RULES = partitioning.load_logical_axis_rules()
 # (data, fsdp, model): the 8x1, 2x4 and 1x8 (data x model), plus pure fsdp.
@@ -15,24 +20,20 @@ MESHES = [(8, 1, 1), (2, 1, 4), (1, 1, 8), (1, 8, 1)]
 
 
 def _run(mesh_shape, steps=2):
-    config = tiny_config(dropout_rate=0.0)
-    opt, schedule = optimizers.make_optimizer(learning_rate=5e-5)  # TWOLAR's AdamW
-    spec = trainer.make_step_spec(loss="rank_net", enable_dropout=False)
+    model = PointwiseCrossEncoder(tiny_config(dropout_rate=0.0), loss_name="rank_net")
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
-    init = lambda r: network.init_params(config, r)  # noqa: E731
-    shapes = train_state.abstract_state(init, opt, jax.random.PRNGKey(0))
-    shardings = train_state.state_shardings(shapes, network.logical_axes(config), mesh, RULES)
-    state = train_state.init_sharded_state(init, opt, jax.random.PRNGKey(0), shardings)
-    batch = trainer.select_features(synthetic_batch(0))
-    step = trainer.partition_train_step(trainer.make_train_step(config, opt, schedule, spec), mesh, RULES,
-                                        shardings, batch)
+    run = Trainer(model, Partitioner(mesh, RULES), optimizer=OptimizerConfig(learning_rate=5e-5),  # TWOLAR's AdamW
+                  total_steps=steps, enable_dropout=False)
+    state = train_state.init_sharded_state(model.init_params, run.tx, jax.random.PRNGKey(0), run.shardings)
+    batch = LISTWISE_GROUP_BATCH.select(synthetic_batch(0))
+    step = run.train_step(batch)
     losses = []
     for _ in range(steps):
         # The same batch twice: the second loss must be lower (the update did something).
-        state, metrics = step(state, partitioning.shard_batch(batch, mesh, RULES), jax.random.PRNGKey(1))
+        state, metrics = step(state, run.shard(batch), jax.random.PRNGKey(1))
         losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state.params), state, shardings
+    return losses, jax.device_get(state.params), state, run.shardings
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,8 @@ def test_sharded_step_matches_single_device(reference, mesh_shape):
 
 def test_shard_batch_places_rows_by_data_and_fsdp():
     mesh = partitioning.make_mesh((2, 2, 2))
-    batch = trainer.select_features(synthetic_batch(0))
-    placed = partitioning.shard_batch(batch, mesh, RULES)
+    batch = LISTWISE_GROUP_BATCH.select(synthetic_batch(0))
+    placed = Partitioner(mesh, RULES).shard_batch(batch, LISTWISE_GROUP_BATCH)
     tokens = placed["encoder_input_tokens"]
     assert tokens.shape == batch["encoder_input_tokens"].shape
     assert tokens.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)

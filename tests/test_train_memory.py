@@ -15,8 +15,12 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 from tests.train_helpers import synthetic_batch, tiny_config
-from twolar_jax import compiler_options, optimizers, partitioning, train_state, trainer
+from twolar_jax import compiler_options, optimizers, partitioning, train_state
 from twolar_jax.model import network
+from twolar_jax.partitioner import Partitioner
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
+from twolar_jax.train_step import make_train_step
 
 CONFIG = tiny_config(dropout_rate=0.0)
 
@@ -36,15 +40,16 @@ def test_compiler_options_are_accepted_by_xla_and_shrink_the_cpu_step():
         pytest.skip("XLA:CPU options")
     config = tiny_config(dropout_rate=0.0, num_encoder_layers=4)
     opt, schedule = optimizers.make_optimizer(learning_rate=1e-3)
-    spec = trainer.make_step_spec(loss="rank_net", enable_dropout=False)
-    fn = trainer.make_train_step(config, opt, schedule, spec)
+    fn = make_train_step(PointwiseCrossEncoder(config, loss_name="rank_net"), opt, schedule, enable_dropout=False)
     mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     rules = partitioning.load_logical_axis_rules()
     init = lambda r: network.init_params(config, r)  # noqa: E731
     shapes = train_state.abstract_state(init, opt, jax.random.PRNGKey(0))
     shardings = train_state.state_shardings(shapes, network.logical_axes(config), mesh, rules)
-    batch = trainer.select_features(synthetic_batch(0, batch_size=4, group_size=8, max_length=128))
-    step = trainer.partition_train_step(fn, mesh, rules, shardings, batch)
+    batch = LISTWISE_GROUP_BATCH.select(synthetic_batch(0, batch_size=4, group_size=8, max_length=128))
+    p = Partitioner(mesh, rules)
+    step = p.partition(fn, in_shardings=(shardings, p.batch_shardings(batch, LISTWISE_GROUP_BATCH), p.replicated()),
+                       out_shardings=(shardings, p.replicated()), donate_argnums=(0,))
     ours = step.lower(shapes, batch, jax.random.PRNGKey(0)).compile().memory_analysis().temp_size_in_bytes
     with partitioning.activation_context(mesh, rules):
         default = jax.jit(fn).lower(shapes, batch, jax.random.PRNGKey(0)).compile()

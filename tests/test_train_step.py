@@ -8,11 +8,14 @@ import optax
 import pytest
 
 from tests.train_helpers import QUIET, SyntheticSource, synthetic_batch, tiny_config
-from twolar_jax import losses, optimizers, trainer
+from twolar_jax import losses, optimizers
 from twolar_jax.model import network
 from twolar_jax.model.network import T5
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH, BatchError
+from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
 from twolar_jax.train import train
 from twolar_jax.train_state import TrainState
+from twolar_jax.train_step import make_train_step
 
 CONFIG = tiny_config(dropout_rate=0.0)
 
@@ -24,7 +27,7 @@ def params():
 
 def _ragged_batch():
     """Queries with 4, 3, 2 and 1 real passages: per-query normalisation matters here."""
-    batch = trainer.select_features(synthetic_batch(1))
+    batch = LISTWISE_GROUP_BATCH.select(synthetic_batch(1))
     for q, real in enumerate([4, 3, 2, 1, 4, 4, 3, 2]):
         batch["passage_mask"][q] = (np.arange(4) < real).astype(np.int32)
         batch["encoder_input_tokens"][q, real:] = 0
@@ -42,8 +45,8 @@ def _reference(params, loss="rank_net"):
 
 
 def _step(params, batch, *, m, opt, loss="rank_net", config=CONFIG):
-    spec = trainer.make_step_spec(loss=loss, num_microbatches=m, enable_dropout=False)
-    step = jax.jit(trainer.make_train_step(config, opt, None, spec))
+    model = PointwiseCrossEncoder(config, loss_name=loss)
+    step = jax.jit(make_train_step(model, opt, None, num_microbatches=m, enable_dropout=False))
     state = TrainState.create(params, opt)
     return step(state, batch, jax.random.PRNGKey(0))
 
@@ -52,11 +55,11 @@ def test_train_step_loss_equals_registry_loss(params):
     """The step's loss is the registry's rank_net ("mean" reduction) on the model's difference scores."""
     batch = _ragged_batch()
     _, metrics = _reference(params)
-    spec = trainer.make_step_spec()
+    score_tokens = PointwiseCrossEncoder(CONFIG).score_tokens
     model = T5(CONFIG)
     flat = batch["encoder_input_tokens"].reshape(-1, batch["encoder_input_tokens"].shape[-1])
     logits = model.apply({"params": params}, flat, method=T5.first_step_logits)  # full vocabulary
-    scores = (logits[:, spec.score_tokens.true_id] - logits[:, spec.score_tokens.false_id]).reshape(8, 4)
+    scores = (logits[:, score_tokens.true_id] - logits[:, score_tokens.false_id]).reshape(8, 4)
     expected = losses.get_loss("rank_net")(scores, batch["teacher_ranks"], batch["passage_mask"])
     np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-6)
     assert float(metrics["num_queries"]) == 7  # the query with a single passage carries no pair
@@ -78,8 +81,7 @@ def test_train_gradient_accumulation_equals_big_batch(params, m, loss):
 def test_train_step_adamw_clip_and_lr_schedule(params):
     opt, schedule = optimizers.make_optimizer(learning_rate=1e-3, schedule="linear", warmup_steps=2, total_steps=10,
                                               clip_norm=1.0)
-    spec = trainer.make_step_spec(enable_dropout=False)
-    step = jax.jit(trainer.make_train_step(CONFIG, opt, schedule, spec))
+    step = jax.jit(make_train_step(PointwiseCrossEncoder(CONFIG), opt, schedule, enable_dropout=False))
     state = TrainState.create(params, opt)
     lrs = []
     for _ in range(3):
@@ -146,19 +148,25 @@ def test_train_step_bfloat16_compute_keeps_fp32_params(params):
 def test_train_bad_batch_gets_clear_error(mutate, message):
     batch = synthetic_batch(0)
     mutate(batch)
-    with pytest.raises(trainer.BatchError, match=message):
-        trainer.validate_batch(batch, where="train batch 0")
+    with pytest.raises(BatchError, match=message):
+        LISTWISE_GROUP_BATCH.validate(batch, where="train batch 0")
 
 
 def test_train_batch_shape_expectations():
-    with pytest.raises(trainer.BatchError, match=r"4 passages per query .* expected group_size=30"):
-        trainer.validate_batch(synthetic_batch(0), group_size=30)
-    with pytest.raises(trainer.BatchError, match=r"length 32 .* > max_length=16"):
-        trainer.validate_batch(synthetic_batch(0), max_length=16)
+    with pytest.raises(BatchError, match=r"encoder_input_tokens has group_size=4 \(shape \(8, 4, 32\)\), "
+                                         r"expected group_size=30"):
+        LISTWISE_GROUP_BATCH.validate(synthetic_batch(0), expect={"group_size": 30})
+    with pytest.raises(BatchError, match=r"encoder_input_tokens has max_length=32 \(shape \(8, 4, 32\)\), "
+                                         r"expected max_length=16"):
+        LISTWISE_GROUP_BATCH.validate(synthetic_batch(0), expect={"max_length": 16})
+    # max_length is an equality now (batches have static shapes): a shorter batch is refused too.
+    with pytest.raises(BatchError, match=r"encoder_input_tokens has max_length=16 .* expected max_length=32"):
+        LISTWISE_GROUP_BATCH.validate(synthetic_batch(0, max_length=16), expect={"max_length": 32})
+    LISTWISE_GROUP_BATCH.validate(synthetic_batch(0), expect={"group_size": 4, "max_length": 32})
 
 
 def test_train_rejects_batch_that_does_not_split(tmp_path):
-    with pytest.raises(trainer.BatchError, match=r"global batch of 8 queries must split into num_microbatches=3"):
+    with pytest.raises(BatchError, match=r"global batch of 8 queries must split into num_microbatches=3"):
         train(model_dir=str(tmp_path), train_batches=SyntheticSource(), total_steps=1, num_devices=1,
               num_microbatches=3, logging_config=QUIET, model=CONFIG)
 
@@ -169,13 +177,13 @@ def test_train_rejects_shape_change_midway(tmp_path):
             for i, b in enumerate(super().__call__(**kw)):
                 yield b if i == 0 else synthetic_batch(i, max_length=16)
 
-    with pytest.raises(trainer.BatchError, match=r"train batch 1: shapes .* differ from the first batch"):
+    with pytest.raises(BatchError, match=r"train batch 1: shapes .* differ from the first batch"):
         train(model_dir=str(tmp_path), train_batches=Changing(), total_steps=3, num_devices=1,
               logging_config=QUIET, model=CONFIG)
 
 
 def test_train_loss_option_reduction_is_reserved():
     with pytest.raises(ValueError, match="'reduction' is set by the trainer"):
-        trainer.make_step_spec(loss_options={"reduction": "pooled"})
+        PointwiseCrossEncoder(CONFIG, loss_options=tuple(sorted({"reduction": "pooled"}.items())))
     with pytest.raises(ValueError, match="loss='rank_nett'"):
-        trainer.make_step_spec(loss="rank_nett")
+        PointwiseCrossEncoder(CONFIG, loss_name="rank_nett")

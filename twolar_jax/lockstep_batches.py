@@ -79,7 +79,7 @@ def lockstep_batches(source: Iterable[Mapping[str, Any]], *, parallelism: int, p
                      gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
                      where: str = "validation",
                      features: FeatureSet = LISTWISE_GROUP_BATCH) -> Iterator[dict[str, np.ndarray]]:
-    """This host's batches of `source` (its shard; checked with `validate_batch`), padded so that every
+    """This host's batches of `source` (its shard; checked against the feature declaration), padded so that every
     host yields the same number of batches of the same shape: rows are raised to the most any host has had
     so far (rounded up for the batch sharding: one compiled shape, normally the full batch's), and a host
     whose shard is done yields empty batches until every host's is. `gather` exchanges the signatures

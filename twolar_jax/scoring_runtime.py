@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import inspect
 import math
 import threading
 from dataclasses import dataclass
@@ -101,6 +102,12 @@ def token_sharding(partitioner: Partitioner) -> NamedSharding:
 _PROGRAM_SOURCES = tuple(Path(__file__).parent / name for name in (
     "model/config.py", "model/network.py", "model/scan.py", "scoring.py", "scoring_runtime.py", "partitioning.py",
     "partitioner.py", "compiler_options.py", "ranking/interface.py", "ranking/pointwise.py"))
+
+
+def model_sources(model: RankingModel) -> tuple[Path, ...]:
+    """The file that defines the model's class (a family outside the library too): its edit is a new program."""
+    source = inspect.getsourcefile(type(model))
+    return (Path(source),) if source else ()
 
 
 def _load_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -204,7 +211,7 @@ class ScoreProgram:
             "mesh": {"axes": list(mesh.axis_names), "shape": list(mesh.devices.shape),
                      "device_ids": [d.id for d in self._devices]},
             "tokens_sharding": str(token_sharding(self.partitioner).spec),
-            "environment": environment(self._devices, _PROGRAM_SOURCES),
+            "environment": environment(self._devices, _PROGRAM_SOURCES + model_sources(self.model)),
         }
 
 
