@@ -30,6 +30,12 @@ class PairScorer(Protocol):
 def _load_done(scores_path: Path, wanted: dict[str, RankRequest]) -> Run:
     """Queries already scored by an earlier, interrupted run (a torn last line is cut first)."""
     repair_tail(scores_path)
+    return logged_scores(scores_path, wanted)
+
+
+def logged_scores(scores_path: Path, wanted: dict[str, RankRequest]) -> Run:
+    """The scores a log holds for the wanted queries (each with exactly its candidates), read only: a pod's
+    process 0 reads every host's finished log this way (eval.multihost)."""
     done: Run = {}
     for _, obj in read_jsonl(scores_path):
         qid, scores = obj.get("qid"), obj.get("scores")

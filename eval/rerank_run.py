@@ -16,7 +16,8 @@ OUT is a TREC run, or with `--output_format rank_llm` rank_llm's result JSONL (`
 reranker's). Scores are logged to OUT.scores.jsonl as they come, so an interrupted job resumes; the
 log is reused only for the same checkpoint, settings and candidates (eval.score_log). With --qrels,
 prints the metrics JSON that `python -m eval.trec` prints for OUT. Bad input: one line on stderr
-naming file and line, exit code 2.
+naming file and line, exit code 2. On a pod (--multiprocess, as twolar-train), every host runs the same
+command, scores its share of the queries (eval.multihost) and process 0 alone writes OUT and prints.
 """
 from __future__ import annotations
 
@@ -27,9 +28,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from eval import score_log
+from eval import multihost
 from eval.metrics import default_measures
-from eval.rerank import rerank
 from eval.trec import score_rank_llm_file, score_run_file
 from retrieval.candidates import requests_from_run
 from retrieval.corpus import Corpus, read_corpus
@@ -37,7 +37,7 @@ from retrieval.readers import (RankCandidate, RankRequest, read_candidates_json,
                                read_rank_llm_jsonl, read_run)
 from retrieval.runs import Run, sort_hits, write_trec_run
 from twolar_jax.durable_io import atomic_writer
-from twolar_jax import entry, user_paths
+from twolar_jax import dir_lock, entry, user_paths
 from twolar_jax.errors import FormatError, MissingFileError, OptionError
 from twolar_jax.model.config import COMPUTE_DTYPES
 from twolar_jax.scoring import SCORE_HEADS
@@ -124,30 +124,35 @@ def rerank_file(args: argparse.Namespace) -> Optional[dict[str, float]]:
     from eval.run import load_keyed_reranker
 
     _check_inputs(args)
-    requests = read_requests(args.run, corpus_path=args.corpus, queries_path=args.queries, top_k=args.top_k)
-    if args.qrels and not args.allow_unjudged:
-        _check_judged(args.qrels, requests, args.run)
-    scorer, key = load_keyed_reranker(args.checkpoint, score_head=args.score_head, dtype=args.dtype,
-                                      batch_size=args.batch_size, max_length=args.max_length,
-                                      truncation=args.truncation)
-    key = {**key, "candidates": score_log.candidates_digest(requests, args.top_k)}
-    out = Path(args.output)
-    if out.parent != Path(""):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    scores = score_log.open_score_log(Path(f"{out}.scores.jsonl"), Path(f"{out}.scores.meta.json"), key)
-    entry.on_interrupt(f"the scores of every finished query are in {out}.scores.jsonl")
-    run = rerank(scorer, requests, top_k=args.top_k, pairs_per_call=args.pairs_per_call, scores_path=scores,
-                 desc="rerank")
-    if args.output_format == "rank_llm":
-        write_rank_llm_jsonl(out, requests, run)
-    else:
-        write_trec_run(out, run, tag=args.run_tag)
-    log.info("wrote %s: %d queries, %d pairs reranked", out, len(run), sum(map(len, run.values())))
-    if not args.qrels:
-        return None
-    measures = args.measures or list(default_measures(args.top_k))
-    score = score_rank_llm_file if args.output_format == "rank_llm" else score_run_file
-    return score(args.qrels, str(out), measures, allow_unjudged=args.allow_unjudged)[0]
+    out = Path(args.output)  # one job per OUT (its score log): a second one refuses before any work
+    lock = dir_lock.hold(out.parent, option="--output", target=out,
+                         lock_name=f".{out.name}{dir_lock.lock_name(multihost.process_layout()[0])}")
+    with lock:
+        requests = read_requests(args.run, corpus_path=args.corpus, queries_path=args.queries, top_k=args.top_k)
+        if args.qrels and not args.allow_unjudged:
+            _check_judged(args.qrels, requests, args.run)
+        scorer, key = load_keyed_reranker(args.checkpoint, score_head=args.score_head, dtype=args.dtype,
+                                          batch_size=args.batch_size, max_length=args.max_length,
+                                          truncation=args.truncation)
+        log_path = Path(f"{out}.scores.jsonl")
+        entry.on_interrupt(f"the scores of every finished query are in "
+                           f"{multihost.host_path(log_path, '.jsonl', *multihost.process_layout())}")
+        # On a pod each host scores its share into OUT.scores.hostI-of-N.jsonl; process 0 gets the whole run.
+        run = multihost.rerank_on_hosts(scorer, requests, top_k=args.top_k, pairs_per_call=args.pairs_per_call,
+                                        log_path=log_path, meta_path=Path(f"{out}.scores.meta.json"),
+                                        model_key=key, desc="rerank", barrier_name="eval.rerank_run")
+        if run is None:  # not process 0: it writes nothing
+            return None
+        if args.output_format == "rank_llm":
+            write_rank_llm_jsonl(out, requests, run)
+        else:
+            write_trec_run(out, run, tag=args.run_tag)
+        log.info("wrote %s: %d queries, %d pairs reranked", out, len(run), sum(map(len, run.values())))
+        if not args.qrels:
+            return None
+        measures = args.measures or list(default_measures(args.top_k))
+        score = score_rank_llm_file if args.output_format == "rank_llm" else score_run_file
+        return score(args.qrels, str(out), measures, allow_unjudged=args.allow_unjudged)[0]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -171,12 +176,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--pairs_per_call", type=entry.positive_int, default=1024, help="pairs handed to the scorer at once")
     p.add_argument("--run_tag", default="twolar")
     entry.add_common_flags(p)
+    multihost.add_flags(p)
     return p.parse_args(argv)
 
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     entry.start(args)
+    multihost.initialize(args)
     metrics = rerank_file(args)
     if metrics is not None:
         print(json.dumps(metrics))

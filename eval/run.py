@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from eval import datasets as eval_sets
-from eval import score_log
+from eval import multihost, score_log
 from eval.metrics import (default_measures, evaluate_run, parse_measures, queries_label, results_table,
                           to_markdown, write_json, write_text)
-from eval.rerank import PairScorer, rerank
+from eval.rerank import PairScorer
 from retrieval.candidates import requests_from_run
 from retrieval.readers import read_run
 from retrieval.runs import Run, write_trec_run
-from twolar_jax import entry, gin_utils, resources, user_paths
+from twolar_jax import dir_lock, entry, gin_utils, resources, user_paths
 from twolar_jax.errors import OptionError, check_choice
 
 log = logging.getLogger("eval")
@@ -55,7 +55,8 @@ class RerankerConfig:
     """The checkpoint an eval job reranks with and how it scores (gin: `evaluate.reranker = @RerankerConfig()`).
 
     checkpoint: our MODEL_DIR (its latest step), an HF T5 dir or a hub id. mesh_shape (data, fsdp, model)
-    lays the parameters out by the training rules: (1, -1, 1) is fsdp over every device."""
+    lays the parameters out by the training rules: (1, -1, 1) is fsdp over every device of this host (on a
+    pod each host scores its own share of the queries: eval.multihost)."""
 
     checkpoint: Optional[str] = None
     score_head: str = "difference"
@@ -120,12 +121,6 @@ def load_keyed_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_s
                                        truncation=truncation)
 
 
-def _resume_log(ds_dir: Path, key: Optional[dict]) -> Path:
-    """scores.jsonl of an interrupted run, kept only when its scores.meta.json records the same key
-    (checkpoint identity, scoring settings, candidates: eval.score_log); else a fresh log."""
-    return score_log.open_score_log(ds_dir / "scores.jsonl", ds_dir / "scores.meta.json", key)
-
-
 def first_stage_run(ds: eval_sets.EvalSet, name: str, stage: FirstStage) -> Run:
     """The candidates of the judged queries: a given run file, or the set's own first stage."""
     if name in stage.runs:
@@ -147,23 +142,42 @@ def load_dataset(name: str, data_dir: Path, stage: FirstStage, max_queries: Opti
     return ds
 
 
+def _load_in_turn(name: str, data_dir: Path, stage: FirstStage, max_queries: Optional[int]) -> eval_sets.EvalSet:
+    """load_dataset on every host, process 0 first: a BM25 index it builds in a shared cache_dir is then
+    reused by the others instead of being built by all hosts at once (one process: just load)."""
+    index, count = multihost.process_layout()
+    if index > 0:
+        multihost.barrier(f"eval {name}: loaded", count)
+    ds = load_dataset(name, data_dir, stage, max_queries)
+    if index == 0:
+        multihost.barrier(f"eval {name}: loaded", count)
+    return ds
+
+
 def evaluate_dataset(name: str, *, data_dir: Path, out: Path, stage: FirstStage, scorer: Optional[PairScorer],
                      resume_key: Optional[dict], top_k: int, measures: Sequence[str], run_tag: str,
-                     pairs_per_call: int, max_queries: Optional[int]) -> tuple[dict[str, float], tuple[int, int]]:
+                     pairs_per_call: int, max_queries: Optional[int]
+                     ) -> Optional[tuple[dict[str, float], tuple[int, int]]]:
     """One dataset: first stage, rerank (unless scorer is None: bm25 mode), run files and metrics.json.
 
-    Returns (means, (queries evaluated, judged queries of the set))."""
-    ds = load_dataset(name, data_dir, stage, max_queries)
+    Returns (means, (queries evaluated, judged queries of the set)). On a pod each host scores its share
+    of the queries (eval.multihost); process 0 alone writes the files and returns, the others return None."""
+    ds = _load_in_turn(name, data_dir, stage, max_queries)
     first = first_stage_run(ds, name, stage)
     ds_dir = out / name.replace("/", "_")
-    write_trec_run(ds_dir / "first_stage.trec", first, tag="first_stage", depth=stage.depth)
+    chief = multihost.process_layout()[0] == 0
+    if chief:
+        write_trec_run(ds_dir / "first_stage.trec", first, tag="first_stage", depth=stage.depth)
     if scorer is None:
-        final = first
+        final = first if chief else None
     else:
         requests = requests_from_run(first, ds.queries, ds.doc_text, k=stage.depth, source=stage.runs.get(name, name))
-        key = None if resume_key is None else {**resume_key, "candidates": score_log.candidates_digest(requests, top_k)}
-        final = rerank(scorer, requests, top_k=top_k, pairs_per_call=pairs_per_call,
-                       scores_path=_resume_log(ds_dir, key), desc=name)
+        # scores.jsonl is resumed only for the same checkpoint, settings and candidates (eval.score_log)
+        final = multihost.rerank_on_hosts(scorer, requests, top_k=top_k, pairs_per_call=pairs_per_call,
+                                          log_path=ds_dir / "scores.jsonl", meta_path=ds_dir / "scores.meta.json",
+                                          model_key=resume_key, desc=name, barrier_name=f"eval {name}")
+    if final is None:
+        return None
     write_trec_run(ds_dir / "run.trec", final, tag=run_tag if scorer is not None else "first_stage")
     aggregate, per_query = evaluate_run(ds.qrels, final, measures)
     counts = (len(ds.qrels), ds.total_queries)
@@ -198,7 +212,9 @@ def evaluate(
     only the first N judged queries (sorted ids) of each set; metrics.json, results.md and results.json then
     say "N of <total>" queries. measures: ir-measures names; None = default_measures(depth), recall named by
     the depth of the runs (top_k reranked, or the first-stage depth in bm25 mode). Runs are ordered as
-    trec_eval orders them. Returns {dataset: {measure: mean}}; the tables also hold the BEIR average.
+    trec_eval orders them. Returns {dataset: {measure: mean}}; the tables also hold the BEIR average. On a
+    pod (jax.distributed), every host scores its share of the queries and process 0 alone writes the files
+    and returns the means; the others return {} (eval.multihost).
     """
     check_choice("evaluate.mode", mode, MODES)
     data_path = Path(data_dir) if data_dir else resources.data_dir()
@@ -215,23 +231,39 @@ def evaluate(
         raise OptionError("evaluate.mode='rerank' needs a reranker (a RerankerConfig or an object with score_pairs)")
     if mode == "rerank" and isinstance(reranker, RerankerConfig):
         reranker.check()
-        reranker, resume_key = reranker.load()
-    out = Path(output_dir)
+    lock = dir_lock.hold(output_dir, option="evaluate.output_dir",
+                         lock_name=dir_lock.lock_name(multihost.process_layout()[0]))
+    with lock:  # before the load: a second job on this output_dir refuses at once
+        if mode == "rerank" and isinstance(reranker, RerankerConfig):
+            reranker, resume_key = reranker.load()
+        out = Path(output_dir)
+        results, counts, timings = _evaluate_all(
+            names, data_dir=data_path, out=out, stage=stage, scorer=reranker if mode == "rerank" else None,
+            resume_key=resume_key, top_k=top_k, measures=measures, run_tag=run_tag,
+            pairs_per_call=pairs_per_call, max_queries=max_queries)
+        if multihost.process_layout()[0] != 0:  # a pod's process > 0: process 0 writes and reports
+            return {}
+        header = {"mode": mode, "checkpoint": checkpoint, "depth": depth, "measures": list(measures)}
+        print(_write_tables(out, results, counts, header, seconds=timings), end="")
+        return results
+
+
+def _evaluate_all(names: Sequence[str], **kwargs: Any) -> tuple[dict, dict, dict]:
+    """evaluate_dataset on each set, logged: ({set: means}, {set: query counts}, {set: seconds}); all
+    empty on a pod's process > 0, which scores its share of each set and reports nothing."""
     results: dict[str, dict[str, float]] = {}
     counts: dict[str, tuple[int, int]] = {}
     timings: dict[str, float] = {}
     for name in names:
         start = time.time()
-        results[name], counts[name] = evaluate_dataset(
-            name, data_dir=data_path, out=out, stage=stage, scorer=reranker if mode == "rerank" else None,
-            resume_key=resume_key, top_k=top_k, measures=measures, run_tag=run_tag, pairs_per_call=pairs_per_call,
-            max_queries=max_queries)
+        done = evaluate_dataset(name, **kwargs)
+        if done is None:
+            continue
+        results[name], counts[name] = done
         timings[name] = time.time() - start
         log.info("%s (%s queries): %s (%.1fs)", name, queries_label(*counts[name]),
                  " ".join(f"{k}={v:.4f}" for k, v in results[name].items()), timings[name])
-    header = {"mode": mode, "checkpoint": checkpoint, "depth": depth, "measures": list(measures)}
-    print(_write_tables(out, results, counts, header, seconds=timings), end="")
-    return results
+    return results, counts, timings
 
 
 def _write_tables(out: Path, results: dict, counts: dict, header: dict, *, seconds: dict) -> str:
@@ -282,6 +314,7 @@ def _flags(argv: Sequence[str]):
     parser = entry.parser_with_gin_help("twolar-eval", "Rerank and evaluate on TREC DL / BEIR (gin configures the job).",
                                         "eval/", "mesh/", note=EVAL_NOTE)
     entry.add_common_flags(parser)
+    multihost.add_flags(parser)
     return parser.parse_args(list(argv))
 
 
@@ -328,7 +361,7 @@ def _check_mesh_shape(shape: Any) -> None:
     from twolar_jax.partitioning import fill_mesh_shape
 
     try:
-        fill_mesh_shape(tuple(shape), jax.device_count())
+        fill_mesh_shape(tuple(shape), jax.local_device_count())  # the Reranker's devices: this host's
     except OptionError as e:
         raise OptionError(f"RerankerConfig.mesh_shape: {e}") from None
 
@@ -337,12 +370,14 @@ def _main(argv: list[str]) -> int:
     files, bindings, paths, rest = gin_utils.split_gin_args(argv)
     flags = _flags(rest)
     entry.start(flags)
+    multihost.initialize(flags)
     configured = register_configurables()
     gin_utils.parse_gin_flags(files, bindings, paths)
     check_bound_options()
     entry.on_interrupt(f"the scores of every finished query are in {gin_utils.query('evaluate.output_dir')}")
     configured()
-    gin_utils.write_operative_config(gin_utils.query("evaluate.output_dir"))
+    if multihost.process_layout()[0] == 0:
+        gin_utils.write_operative_config(gin_utils.query("evaluate.output_dir"))
     return 0
 
 

@@ -16,7 +16,8 @@ when a query's actions run out it answers right. Actions:
     hang[:S]      sleep S seconds (default 5) before answering right: past the client's timeout
     401           HTTP 401 (a bad key: fatal)
 
-Usage: prompt_tokens = words in all messages, completion_tokens = words in the answer. Every request
+Usage: prompt_tokens = words in all messages, completion_tokens = words in the answer (logged with the
+call as `usage`; `send_usage = False` leaves it out of the response, as some servers do). Every request
 is logged in `calls` with its messages (never the key: only whether the bearer token matched
 `expected_key`). A request whose body did not fully arrive (a client killed between sending the
 headers and the body: httpcore writes them separately) is no request: no call is logged, no action is
@@ -135,13 +136,13 @@ class _Handler(BaseHTTPRequestHandler):
             text = render(order)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = len(text.split())
-        entry["t_end"] = time.time()
+        entry.update(t_end=time.time(), text=text, usage={"prompt_tokens": prompt_tokens, "completion_tokens":
+                     completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
         self._send(200, {
             "id": f"chatcmpl-{len(fake.calls)}", "object": "chat.completion", "created": int(t_start),
             "model": body.get("model", ""),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            **({"usage": entry["usage"]} if fake.send_usage else {}),
         })
 
 
@@ -175,6 +176,7 @@ class FakeChatServer:
         self.delay_s = delay_s
         self.expected_key = expected_key
         self.echo_key_on_401 = False  # OpenAI quotes the (masked) key in its 401 message
+        self.send_usage = True  # False: responses carry no `usage` field
         self.calls: list[dict] = []
         self.incomplete: list[dict] = []
         self._lock = threading.Lock()

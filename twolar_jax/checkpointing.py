@@ -11,24 +11,29 @@ habit), so a checkpoint written on a 4x2 mesh restores on one CPU or on a 2x4 me
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from twolar_jax import user_paths
 from twolar_jax.durable_io import write_json_atomic
-from twolar_jax.errors import CheckpointError, MissingFileError, OptionError
+from twolar_jax.errors import CheckpointError, MissingFileError, OptionError, TwolarError
 from twolar_jax.model.config import T5Config
 from twolar_jax.train_state import TrainState
 
 MODEL_CONFIG = "model_config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
+CORRUPT_SUBDIR = "checkpoints.corrupt"  # corrupted steps moved aside by restore()
 ITEMS = ("params", "opt_state", "meta")
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,8 @@ def make_manager(
     directory = Path(model_dir).absolute() / CHECKPOINT_SUBDIR
     if read_only and not directory.exists():
         raise MissingFileError(f"{directory}: no checkpoints directory")
+    if not read_only:
+        quiet_disk_full_noise()
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
@@ -113,24 +120,55 @@ def save(
     if not force and (not period or step % period):
         return False
     meta = {"step": step, **(data_state or {})}
-    return manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-    )
+    with disk_errors(manager):  # also the error of the previous background save, which orbax raises here
+        return manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
 
 
 def restore(
     manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None
 ) -> tuple[TrainState, dict[str, Any]] | None:
-    """(state, meta) restored onto `abstract_state`'s shardings, from `step` or the latest; None if none."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None
+    """(state, meta) restored onto `abstract_state`'s shardings, from `step` or the latest; None if none.
+
+    Without `step`, a latest checkpoint whose files are missing, truncated or garbled (`corruption`) is
+    moved aside to MODEL_DIR/checkpoints.corrupt/ with a warning naming it, and the previous step is tried,
+    so a run resumes from its last good checkpoint (its meta, hence its data position, comes with it) and
+    later saves of the same step are not refused. Any other error (a tree that differs from this run's, a
+    bug) is raised as before: a good checkpoint is never skipped. None left good: one CheckpointError."""
+    if step is not None:
+        return _restore_step(manager, abstract_state, step)
+    bad: list[str] = []
+    for candidate in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored, reason = _restore_step(manager, abstract_state, candidate), None
+        except Exception as e:  # noqa: BLE001 - narrowed by corruption(); anything else is re-raised
+            reason = corruption(e)
+            if reason is None:
+                raise
+        if _agreed(reason, candidate):
+            return restored
+        where = Path(manager.directory) / str(candidate)
+        moved = _move_aside(manager, candidate)
+        log.warning("checkpoint %s is corrupted (%s); moved it to %s and trying the previous step", where,
+                    reason or "it failed to restore on another process", moved)
+        bad.append(f"step {candidate}: {reason or 'failed on another process'}")
+    if bad:
+        raise CheckpointError(f"{manager.directory}: no good checkpoint left to resume from ({'; '.join(bad)}); the "
+                              f"corrupted ones are under {Path(manager.directory).parent / CORRUPT_SUBDIR}: start "
+                              "a new MODEL_DIR, or restore a copy of the checkpoints")
+    return None
+
+
+def _restore_step(manager: ocp.CheckpointManager, abstract_state: TrainState, step: int
+                  ) -> tuple[TrainState, dict[str, Any]]:
+    """One step's (state, meta); a tree that differs from this run's is a CheckpointError that says why."""
     try:
         restored = manager.restore(
             step,
@@ -153,6 +191,159 @@ def restore(
     state_step = jax.device_put(np.asarray(step, np.int32), step_sharding)
     state = TrainState(step=state_step, params=restored.params, opt_state=restored.opt_state)
     return state, meta
+
+
+# What a restore of a step with a missing, truncated or garbled file raises (orbax 0.12.8, tensorstore 0.1.86;
+# tests/test_faults.py): tensorstore's status codes for a file that is gone or shorter than its index says,
+# orbax's wrapper of a chunk that does not decode, a JSON metadata file cut short, a missing file or item.
+_TENSORSTORE_CORRUPT = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:")
+_ORBAX_READ_FAILED = "Encountered error while reading array"
+_MISSING_ITEM = "was not found in the checkpoint"
+
+
+def corruption(exc: BaseException) -> Optional[str]:
+    """Why `exc` means the step's files are damaged (a short reason), or None when it means something else.
+
+    Concrete on purpose: a bare `except Exception` would also skip a good checkpoint over a bug or a
+    config change; these are the errors a truncated, garbled or partly deleted step directory raises."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a metadata file is not valid JSON: {exc.msg}"
+    if isinstance(exc, FileNotFoundError):
+        return f"a file is missing: {exc.filename or text}"
+    if isinstance(exc, KeyError) and _MISSING_ITEM in str(exc):
+        return f"an item is missing: {text}"
+    if isinstance(exc, ValueError) and str(exc).startswith(_TENSORSTORE_CORRUPT):
+        return f"an array file is missing or truncated: {text}"
+    if type(exc) is Exception and str(exc).startswith(_ORBAX_READ_FAILED):
+        cause = exc.__cause__ or exc.__context__
+        return "an array file does not decode" + (f": {str(cause).splitlines()[0][:200]}" if cause and str(cause)
+                                                  else "")
+    return None
+
+
+def _agreed(reason: Optional[str], step: int) -> bool:
+    """Whether the step restored everywhere: on a pod a damaged shard may be read by one host only, and
+    every host must resume from the same step (else the first collective hangs)."""
+    if jax.process_count() == 1:
+        return reason is None
+    from jax.experimental import multihost_utils
+
+    oks = multihost_utils.process_allgather(np.asarray(reason is None, np.int32))
+    return bool(np.all(np.asarray(oks) == 1))
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+    """Move a corrupted step out of checkpoints/ (kept for a look, never deleted) and forget it."""
+    source = Path(manager.directory) / str(step)
+    folder = Path(manager.directory).parent / CORRUPT_SUBDIR
+    target = folder / str(step)
+    n = 1
+    while target.exists():
+        target, n = folder / f"{step}.{n}", n + 1
+    if jax.process_index() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"twolar corrupt checkpoint {step}")
+    manager.reload()
+    return target
+
+
+# ------------------------------------------------------------------------------------ a full disk
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)'?")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(TwolarError, OSError):
+    """A checkpoint save that failed on a full disk or quota: the user frees space and runs the same command.
+
+    A TwolarError as well as an OSError: gin re-raises errors of a configured call through a proxy that
+    loses an OSError's errno, and a TwolarError still reads as the user's to fix (one line, exit 2)."""
+
+    def __init__(self, path: str, what: str):
+        super().__init__(errno.ENOSPC, what, path)
+
+    def __str__(self) -> str:
+        option = user_paths.option_for(self.filename)
+        return f"{option + ' ' if option else ''}{self.filename}: {self.strerror}"
+
+    def __reduce__(self):
+        return (type(self), (self.filename, self.strerror))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a save failed on a full disk or quota: orbax's writers raise tensorstore's RESOURCE_EXHAUSTED
+    ValueError (naming errno 28) rather than an OSError, which entry would show as a bug's traceback."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    code = _OS_ERROR_CODE.search(str(exc))
+    return isinstance(exc, ValueError) and bool(code) and int(code.group(1)) in _DISK_FULL
+
+
+@contextlib.contextmanager
+def disk_errors(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """A full disk during a save becomes one DiskFullError naming the checkpoints folder and the last
+    complete step, which stays (orbax writes a step to a temporary folder and renames it when done)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - narrowed by disk_full(); anything else is re-raised as it is
+        if not disk_full(e) or isinstance(e, DiskFullError):
+            raise
+        directory = Path(manager.directory)
+        done = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+        kept = f"the last complete checkpoint, step {done[-1]}, is kept" if done else "no checkpoint was complete"
+        raise DiskFullError(str(directory), f"No space left on device while writing a checkpoint ({kept}; free "
+                            "space and run the same command again to resume)") from e
+
+
+class _OrbaxDiskNoise(logging.Filter):
+    """Drops orbax's own ERROR report (with traceback) of a background write that hit a full disk: the
+    save's DiskFullError says it once, as the one line the console shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and disk_full(exc):  # "Save Finalize thread failed", "Failed to run ... Commit"
+            return False
+        text = record.getMessage()
+        return not ("raised an exception" in text and disk_full(ValueError(text)))
+
+
+def _drop_closed_loop_noise(previous: Any) -> Any:
+    """An unraisable hook that drops "Event loop is closed" from tensorstore's callbacks: after one write
+    fails on a full disk orbax closes its event loop, and each write still in flight reports into it."""
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.twolar_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def quiet_disk_full_noise() -> None:
+    """Once per process, before a save can fail: the two kinds of orbax/tensorstore chatter a full disk
+    causes (dozens of tracebacks) are dropped, so the console shows the DiskFullError line alone."""
+    import sys
+
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxDiskNoise) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxDiskNoise())
+    if not getattr(sys.unraisablehook, "twolar_quiet", False):
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Wait for a started save, then close the manager (also when the save failed: its threads stop)."""
+    try:
+        with disk_errors(manager):
+            manager.wait_until_finished()
+    finally:
+        manager.close()
 
 
 def all_steps(model_dir: str | os.PathLike) -> list[int]:

@@ -52,8 +52,24 @@ def _third_party_user_errors() -> tuple[type, ...]:
     return tuple(found)
 
 
+def gin_original(exc: BaseException) -> BaseException:
+    """The exception gin re-raised through its message-augmenting proxy (`gin.utils.augment_exception_message_
+    and_reraise`): the proxy is an instance of the same class but without its attributes, so a full disk
+    inside a gin-configured job would lose its errno and filename, and read as a bug."""
+    for _ in range(8):  # a proxy of a proxy when configurables call configurables
+        getter = type(exc).__dict__.get("__getattr__")
+        if "augment_exception_message" not in getattr(getter, "__qualname__", ""):
+            return exc
+        inner = [c.cell_contents for c in getter.__closure__ or () if isinstance(c.cell_contents, BaseException)]
+        if not inner:
+            return exc
+        exc = inner[0]
+    return exc
+
+
 def is_user_error(exc: BaseException) -> bool:
     """True for errors a user fixes (bad input, option, path, binding, a full disk); False for bugs."""
+    exc = gin_original(exc)
     if isinstance(exc, (TwolarError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                         FileExistsError, json.JSONDecodeError, UnicodeDecodeError)):
         return True
@@ -81,8 +97,10 @@ def os_error_message(exc: OSError) -> str:
 
 def error_line(prog: str, exc: BaseException) -> str:
     """`prog: error: <first line of the message> [in <gin configurable>]`, secrets redacted, one line."""
-    if isinstance(exc, OSError) and not isinstance(exc, TwolarError) and exc.errno in USER_ERRNOS:
-        return redact(f"{prog}: error: {os_error_message(exc)}")
+    original = gin_original(exc)
+    if isinstance(original, OSError) and not isinstance(original, TwolarError) and original.errno in USER_ERRNOS:
+        call = _GIN_CALL.search(str(exc))
+        return redact(f"{prog}: error: {os_error_message(original)}" + (f" [in {call.group(1)}]" if call else ""))
     text = str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     message = lines[0] if lines else type(exc).__name__

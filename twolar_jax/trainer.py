@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from twolar_jax import checkpointing, host_heap, summaries, train_state
+from twolar_jax import checkpointing, dir_lock, host_heap, summaries, train_state
 from twolar_jax.checkpointing import CheckpointConfig
 from twolar_jax.errors import OptionError
 from twolar_jax.lockstep_batches import lockstep_batches
@@ -167,17 +167,22 @@ class Trainer:
             on_first_step: Hook = lambda step, writer: None, on_finish: Hook = lambda step, writer: None) -> LoopResult:
         """Restore or start, step, checkpoint, validate and finish (the last checkpoint and validation, then
         `on_finish`); the checkpoint manager and the metric writers are closed on any exit, a started save
-        finished. The hooks get the step and the train writer (train.py writes the operative gin config)."""
+        finished. MODEL_DIR is locked for the whole call (`model_dir_lock`: a second job refuses, a crashed
+        one's lock goes with its process). The hooks get the step and the train writer (train.py writes the
+        operative gin config)."""
         self.validation = validation
         check = BatchCheck(self.model, num_microbatches=self.num_microbatches,
                            batch_parallelism=self.partitioner.batch_parallelism,
                            groups_without_pairs=groups_without_pairs)
-        config = self.model.checkpoint_config()
-        if config is not None and jax.process_index() == 0:
-            checkpointing.write_model_config(model_dir, config)
-        manager = checkpointing.make_manager(model_dir, max_to_keep=checkpoints.keep, async_save=checkpoints.async_save)
+        lock = model_dir_lock(model_dir)  # before any write: a second job on this MODEL_DIR refuses here
         writers: list[summaries.SummaryWriter] = []
+        manager = None
         try:
+            config = self.model.checkpoint_config()
+            if config is not None and jax.process_index() == 0:
+                checkpointing.write_model_config(model_dir, config)
+            manager = checkpointing.make_manager(model_dir, max_to_keep=checkpoints.keep,
+                                                 async_save=checkpoints.async_save)
             start = self.start(manager, resume=checkpoints.resume, init_checkpoint=init_checkpoint)
             start_step = int(jax.device_get(start.state.step))  # the state is donated to the first step
             writers = _open_writers(model_dir, logging_config, validation is not None, start.restored_step)
@@ -189,10 +194,13 @@ class Trainer:
             on_finish(result.step, writers[0])
             return result
         finally:
-            manager.wait_until_finished()  # also on a stop or an error: a started checkpoint is finished
-            manager.close()
-            for w in writers:
-                w.close()
+            try:
+                if manager is not None:
+                    checkpointing.finish_saves(manager)  # also on a stop or an error: a started save is finished
+            finally:
+                for w in writers:
+                    w.close()
+                lock.release()  # last: nothing of this job writes to MODEL_DIR any more
 
     def _finish(self, result: LoopResult, start_step: int, manager: Any,
                 writers: list[summaries.SummaryWriter]) -> None:
@@ -205,6 +213,12 @@ class Trainer:
         if self.validation is not None and self.last_eval_step != result.step and not result.stopped_by:
             self.validate(result.step, result.state.params, writers[1])
         result.last_eval = self.last_eval
+
+
+def model_dir_lock(model_dir: str) -> dir_lock.DirLock:
+    """This process's lock on MODEL_DIR (twolar_jax.dir_lock), so a second job on it refuses before writing;
+    on a pod each process locks a file of its own (`dir_lock.lock_name`)."""
+    return dir_lock.acquire(model_dir, option="MODEL_DIR", lock_name=dir_lock.lock_name(jax.process_index()))
 
 
 def _open_writers(model_dir: str, logging_config: LoggingConfig, validation: bool,

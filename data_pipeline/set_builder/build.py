@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from data_pipeline.distill_format import Candidate, DistillRecord, record_to_json
+from data_pipeline.set_builder import pricing
 from data_pipeline.set_builder.manifest import CallLedger, ManifestState, load_runs, write_manifest
 from data_pipeline.set_builder.queries import QuerySource, mix_queries, read_queries_file, write_queries
 from data_pipeline.set_builder.teacher import Teacher, TeacherRequest, TeacherResult
@@ -40,6 +41,7 @@ from retrieval.base import Retriever
 from retrieval.corpus import Corpus, read_corpus
 from retrieval.fusion import merge_candidates
 from retrieval.runs import sort_hits
+from twolar_jax import dir_lock
 from twolar_jax.durable_io import AppendOnlyJsonl, read_jsonl, repair_tail, write_json_atomic
 from twolar_jax.errors import FormatError, OptionError
 
@@ -241,19 +243,52 @@ def start_run(out: Path, pending: int, ledger: Optional[CallLedger]) -> tuple[li
     return runs, run
 
 
+def _labelled_qids(path: Path) -> set[str]:
+    """qids in train.jsonl, read only (a torn last line is skipped, not cut): what the dry run leaves out."""
+    return {str(obj["qid"]) for obj in pricing.tolerant_jsonl(path) if "qid" in obj}
+
+
+def dry_run_stage(out: Path, *, teacher: Teacher, queries, cands: dict, corpus: Corpus,
+                  prices: pricing.Prices) -> pricing.Estimate:
+    """Price the teacher stage a real build would run now (the same pending queries, the same call cache),
+    writing nothing and calling nothing."""
+    labelled = _labelled_qids(out / TRAIN)
+    todo = [cands[q.qid] for q in queries if q.qid not in labelled and cands[q.qid]["candidates"]]
+    cache = Path(getattr(teacher, "cache_path", None) or out / "llm_cache.jsonl")
+    return pricing.estimate(teacher, teacher_requests(todo, corpus), prices, pricing.read_cached_answers(cache))
+
+
+def _run_estimate(teacher: Teacher, todo: list[dict], corpus: Corpus, prices: pricing.Prices,
+                  ledger: Optional[CallLedger]) -> Optional[dict]:
+    """This run's estimate (as the dry run computes it, over the opened call cache), or None without a ledger."""
+    if ledger is None or not hasattr(teacher, "planned_windows"):
+        return None
+    est = pricing.estimate(teacher, teacher_requests(todo, corpus), prices, getattr(teacher, "cache", None))
+    log.info("teacher estimate: %s", est.line().removeprefix("dry_run "))
+    return est.to_dict()
+
+
 def teacher_stage(out: Path, *, teacher: Teacher, queries, cands: dict, corpus: Corpus, state: ManifestState,
-                  build_info: dict, query_meta: dict, manifest_every_s: float, tfds_dir: Optional[str]) -> None:
-    """Label every query not yet in train.jsonl; the manifest records this run's counts and status."""
+                  build_info: dict, query_meta: dict, manifest_every_s: float, tfds_dir: Optional[str],
+                  prices: pricing.Prices = pricing.Prices()) -> None:
+    """Label every query not yet in train.jsonl; the manifest records this run's counts and status, and its
+    estimated and spent tokens (logged against each other at every manifest write)."""
     labelled = scan_labelled(out / TRAIN, out / TEACHER_LOG, state)
     todo = [cands[q.qid] for q in queries if q.qid not in labelled and cands[q.qid]["candidates"]]
     teacher_info = teacher.describe()
     ledger = call_ledger(teacher, out, teacher_info)
     runs, run = start_run(out, len(todo), ledger)
+    estimate = _run_estimate(teacher, todo, corpus, prices, ledger)
+    if estimate is not None:
+        run["estimate"] = estimate
 
     def flush_manifest() -> None:
         run["teacher_calls"] = teacher.call_stats()
         if ledger is not None:
             ledger.advance(run)
+            pricing.settle_spent(runs)
+            if estimate is not None:
+                log.info(pricing.progress_line(run))
         write_manifest(out / MANIFEST, state=state, build=build_info, teacher=teacher_info, queries=query_meta,
                        runs=runs, labelled_qids=labelled)
 
@@ -277,6 +312,7 @@ def teacher_stage(out: Path, *, teacher: Teacher, queries, cands: dict, corpus: 
 
 
 # ------------------------------------------------------------------------------------------------ entry
+@dir_lock.holding("output_dir", option="build.output_dir")  # one build per OUTPUT_DIR
 def build(
     *,
     output_dir: str,
@@ -297,6 +333,9 @@ def build(
     tfds_dir: Optional[str] = None,
     progress: bool = True,
     write_gin_config: bool = False,
+    dry_run: bool = False,
+    price_per_million_input: Optional[float] = None,
+    price_per_million_output: Optional[float] = None,
 ) -> dict:
     """Run (or resume) a build into output_dir; returns the final manifest.
 
@@ -305,7 +344,11 @@ def build(
     retrieve_k: hits asked of each retriever (default `depth`); quotas: {name: n} per retriever.
     work_dir: where indexes and embeddings are cached (default <output_dir>/work).
     write_gin_config: write gin's operative config (secrets redacted) to output_dir/config.gin first.
+    dry_run: run the local stages (queries, candidates) and price the teacher stage without a call; returns
+    {"dry_run": the estimate, "line": its one output line} (pricing.py). price_per_million_*: USD per
+    million tokens for the estimate and the spent counts (default: the teacher's per-1K prices x 1000).
     """
+    prices = pricing.resolve_prices(teacher, price_per_million_input, price_per_million_output)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if write_gin_config:
@@ -323,9 +366,13 @@ def build(
     candidate_stage(queries=queries, corpus=corpus, retrievers=retrievers, path=out / CANDIDATES, work_dir=work,
                     depth=depth, k=k, quotas=quotas, batch_size=retrieval_batch_size, state=state, progress=progress)
     cands = read_candidates(out / CANDIDATES)  # the teacher's inputs: what is on disk, in its final order
+    if dry_run:
+        est = dry_run_stage(out, teacher=teacher, queries=queries, cands=cands, corpus=corpus, prices=prices)
+        return {"dry_run": est.to_dict(), "line": est.line()}
     build_info = {"output_dir": str(out), "corpus_path": str(corpus_path), "corpus": corpus.stats.to_dict(),
                   "depth": depth, "retrieve_k": k, "quotas": dict(quotas) if quotas else "even interleave",
                   "retrievers": list(retrievers), "seed": seed}
     teacher_stage(out, teacher=teacher, queries=queries, cands=cands, corpus=corpus, state=state,
-                  build_info=build_info, query_meta=query_meta, manifest_every_s=manifest_every_s, tfds_dir=tfds_dir)
+                  build_info=build_info, query_meta=query_meta, manifest_every_s=manifest_every_s, tfds_dir=tfds_dir,
+                  prices=prices)
     return json.loads((out / MANIFEST).read_text())

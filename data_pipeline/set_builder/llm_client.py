@@ -44,6 +44,7 @@ class ChatResponse:
     prompt_tokens: int
     completion_tokens: int
     attempts: int
+    usage_reported: bool = True  # False: the server sent no `usage`, the token counts above are 0
 
 
 @dataclasses.dataclass
@@ -285,7 +286,8 @@ class ChatClient:
                     ct = int(getattr(usage, "completion_tokens", 0) or 0)
                     self.stats.prompt_tokens += pt
                     self.stats.completion_tokens += ct
-                    return ChatResponse(text=text, prompt_tokens=pt, completion_tokens=ct, attempts=attempt + 1)
+                    return ChatResponse(text=text, prompt_tokens=pt, completion_tokens=ct, attempts=attempt + 1,
+                                        usage_reported=usage is not None)
             if attempt == self.max_retries:
                 break
             self.stats.retries += 1

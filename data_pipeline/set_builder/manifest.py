@@ -202,6 +202,17 @@ def paid_totals(runs: list[dict]) -> dict:
     return totals
 
 
+def estimate_and_spent(runs: list[dict]) -> dict:
+    """The build's estimate (its first estimated run's, made before that run's calls) and what all runs spent."""
+    estimates = [run["estimate"] for run in runs if run.get("estimate")]
+    spent: dict[str, Any] = {"windows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+    for run in runs:
+        for key in spent:
+            spent[key] += run.get("spent", {}).get(key, 0)
+    spent["cost"] = round(spent["cost"], 8)
+    return {"estimate": estimates[0] if estimates else None, "spent": spent}
+
+
 def load_runs(path: Path) -> list[dict]:
     """The `runs` list of an existing manifest (empty when there is none or it is unreadable)."""
     try:
@@ -227,6 +238,7 @@ def write_manifest(path: Path, *, state: ManifestState, build: Mapping[str, Any]
         "queries": dict(queries),
         **state.to_dict(labelled_qids=labelled_qids),
         "paid": paid_totals(runs),
+        "tokens": estimate_and_spent(runs),
         "calls_all_runs": calls,
         "runs": runs,
     }

@@ -17,10 +17,11 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence
 
 from data_pipeline.set_builder.cache import CallCache, request_key
-from data_pipeline.set_builder.llm_client import CallFailed, ChatClient, FatalAPIError
+from data_pipeline.set_builder.llm_client import CallFailed, ChatClient, ChatResponse, FatalAPIError
+from data_pipeline.set_builder.token_count import TokenCounter, counter_for_model
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ def parse_permutation(text: str, n: int) -> tuple[list[int], Repairs]:
     missing = [i for i in range(n) if i not in seen]
     repairs.missing = len(missing)
     return order + missing, repairs
+
+
+def expected_answer(n: int) -> str:
+    """A full permutation's answer for a window of n, "[1] > [2] > ... > [n]": what a completion is priced at."""
+    return " > ".join(f"[{i}]" for i in range(1, n + 1))
 
 
 def window_spans(n: int, window: int, step: int) -> list[tuple[int, int]]:
@@ -201,7 +207,8 @@ class ListwiseLLMTeacher:
     """RankGPT sliding-window teacher over an OpenAI-compatible server (see module docstring).
 
     cache_path: the call cache (default <work_dir>/llm_cache.jsonl); prices are per 1K tokens and only
-    feed the manifest's cost estimate.
+    feed the manifest's cost estimate. token_counter: how tokens are counted when a response has no
+    `usage`, and by the dry run (token_count.KINDS; 'auto': tiktoken for OpenAI models when offline-ready).
     """
 
     prompt_version = PROMPT_VERSION
@@ -217,6 +224,7 @@ class ListwiseLLMTeacher:
         prompt_price_per_1k: float = 0.0,
         completion_price_per_1k: float = 0.0,
         progress: bool = True,
+        token_counter: str = "auto",
     ):
         if step > window_size:
             raise ValueError(f"step ({step}) larger than window_size ({window_size}) would skip passages")
@@ -230,16 +238,62 @@ class ListwiseLLMTeacher:
         self.cache_hits = 0
         self.repairs = Repairs()
         self.repaired_windows = 0
+        self.token_counter_kind = token_counter
+        self._counter: Optional[TokenCounter] = None
 
     @property
     def model_name(self) -> str:
         return self.client.model
 
+    @property
+    def counter(self) -> TokenCounter:
+        """The token counter for this model, made once (loading a vocabulary is not free)."""
+        if self._counter is None:
+            self._counter = counter_for_model(self.model_name, self.token_counter_kind)
+        return self._counter
+
+    def window_messages(self, query: str, passages: Sequence[str]) -> list[dict[str, str]]:
+        """The exact chat messages of one window: rank_query and the dry run's estimate build them here."""
+        return build_messages(query, passages, max_words=self.max_words)
+
+    def cache_key(self, messages: list[dict[str, str]]) -> str:
+        """The call cache's key of one window's request (the model, the messages, the sampling params)."""
+        return request_key(self.model_name, {"messages": messages, **self.client.request_params()})
+
+    def planned_windows(self, req: TeacherRequest, cached: Optional[Mapping[str, dict]] = None
+                        ) -> Iterator[tuple[list[dict[str, str]], int, bool]]:
+        """(messages, n, cached) for each window rank_query would walk, by its own arithmetic, without a call.
+
+        A window whose answer is in `cached` (the call cache's entries) is replayed from it, as rank_query
+        does; an unanswered window is assumed to keep the current order, so the windows after it hold the
+        passages that an order-keeping answer would leave there (their count and sizes are exact).
+        """
+        order = list(range(len(req.passages)))
+        if len(order) < 2:  # rank_query makes no call
+            return
+        for start, end in window_spans(len(order), self.window_size, self.step):
+            window = order[start:end]
+            messages = self.window_messages(req.query, [req.passages[i] for i in window])
+            hit = cached.get(self.cache_key(messages)) if cached else None
+            yield messages, len(window), hit is not None
+            if hit is not None:
+                perm, _ = parse_permutation(hit["text"], len(window))
+                order[start:end] = [window[p] for p in perm]
+
+    def _usage(self, resp: ChatResponse, messages: list[dict[str, str]]) -> tuple[int, int]:
+        """(prompt, completion) tokens of an answered call: the server's `usage`, else this teacher's count."""
+        if resp.usage_reported:
+            return resp.prompt_tokens, resp.completion_tokens
+        pt, ct = self.counter.messages(messages), self.counter.text(resp.text)
+        self.client.stats.prompt_tokens += pt
+        self.client.stats.completion_tokens += ct
+        return pt, ct
+
     def describe(self) -> dict:
         return {"kind": "listwise_llm", "model": self.model_name, "prompt_version": self.prompt_version,
                 "window_size": self.window_size, "step": self.step, "max_words_per_passage": self.max_words,
                 "prompt_price_per_1k": self.prompt_price, "completion_price_per_1k": self.completion_price,
-                "endpoint": self.client.describe()}
+                "token_counter": self.token_counter_kind, "endpoint": self.client.describe()}
 
     def call_stats(self) -> dict:
         s = self.client.stats.to_dict()
@@ -264,8 +318,8 @@ class ListwiseLLMTeacher:
             return TeacherResult(req.qid, order, None, stats)
         for start, end in window_spans(len(order), self.window_size, self.step):
             window = order[start:end]
-            messages = build_messages(req.query, [req.passages[i] for i in window], max_words=self.max_words)
-            key = request_key(self.model_name, {"messages": messages, **self.client.request_params()})
+            messages = self.window_messages(req.query, [req.passages[i] for i in window])
+            key = self.cache_key(messages)
             stats.windows += 1
             hit = self.cache.get(key)
             if hit is not None:
@@ -277,10 +331,11 @@ class ListwiseLLMTeacher:
                 text = resp.text
                 stats.api_calls += resp.attempts
                 stats.retries += resp.attempts - 1
-                stats.prompt_tokens += resp.prompt_tokens
-                stats.completion_tokens += resp.completion_tokens
-                self.cache.put(key, model=self.model_name, text=text, prompt_tokens=resp.prompt_tokens,
-                               completion_tokens=resp.completion_tokens)
+                prompt_tokens, completion_tokens = self._usage(resp, messages)
+                stats.prompt_tokens += prompt_tokens
+                stats.completion_tokens += completion_tokens
+                self.cache.put(key, model=self.model_name, text=text, prompt_tokens=prompt_tokens,
+                               completion_tokens=completion_tokens)
             perm, repairs = parse_permutation(text, len(window))
             if repairs.repaired:
                 stats.repaired_windows += 1
