@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from tests.train_helpers import QUIET, SyntheticSource, run_options, synthetic_batch, tiny_config
 from twolar_jax import checkpointing, losses
 from twolar_jax.model import network
-from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH, POINTWISE_SCORE_BATCH
 from twolar_jax.ranking.interface import RankingModel
 from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
 from twolar_jax.ranking.pointwise_inputs import PairEncoder
@@ -110,6 +110,7 @@ class BagOfWordsRanker(RankingModel):
     dim: int = 16
 
     batch_features = LISTWISE_GROUP_BATCH
+    score_features = POINTWISE_SCORE_BATCH
     no_signal = "no query has two real passages"
 
     def init_params(self, rng):

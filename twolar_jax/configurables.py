@@ -22,8 +22,10 @@ def register_library() -> None:
     """Everything above plus the training option objects (these import jax, optax and orbax)."""
     from twolar_jax.checkpointing import CheckpointConfig
     from twolar_jax.optimizers import OptimizerConfig
+    from twolar_jax.ranking.listwise import FiDRanker
     from twolar_jax.train_loop import LoggingConfig, ValidationConfig
 
     register_resources()
     for option in (OptimizerConfig, CheckpointConfig, ValidationConfig, LoggingConfig):
         gin_utils.register(option)
+    gin_utils.register(FiDRanker)  # train.model = @FiDRanker() (gin/runs/listwise_train.gin)

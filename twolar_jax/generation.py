@@ -1,7 +1,9 @@
-"""Greedy and top-k sampled decoding with the decoder's key/value cache (docT5query needs it).
+"""Greedy and top-k sampled decoding with the decoder's key/value cache (docT5query and LiT5 need it).
 
 One jit-compiled `lax.fori_loop` per (batch, input length, output length): the encoder runs once, then
 each step feeds one token through the cached decoder. Sequences that emitted EOS are padded with 0.
+Encoder tokens [B, n, L] are Fusion-in-Decoder input: each of the n passages is encoded alone and the
+decoder cross-attends to all n x L states at once (LiT5).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from twolar_jax.model.network import T5
 def _generate(params: Any, encoder_input_tokens: jax.Array, rng: jax.Array, temperature: jax.Array, *,
               config: T5Config, max_decode_length: int, top_k: int, sample: bool) -> jax.Array:
     model = T5(config)
+    encoded, encoder_input_tokens = fused_encode(model, params, encoder_input_tokens)
     batch = encoder_input_tokens.shape[0]
-    encoded = model.apply({"params": params}, encoder_input_tokens, method=T5.encode)
     full = jnp.zeros((batch, max_decode_length), jnp.int32)
     _, variables = model.apply({"params": params}, encoded, encoder_input_tokens, full, decode=True,
                                method=T5.decode, mutable=["cache"])
@@ -51,12 +53,27 @@ def _generate(params: Any, encoder_input_tokens: jax.Array, rng: jax.Array, temp
     return jax.lax.fori_loop(0, max_decode_length, step, init)[3]
 
 
+def fused_encode(model: T5, params: Any, tokens: jax.Array, *,
+                 enable_dropout: bool = False, rngs: Any = None) -> tuple[jax.Array, jax.Array]:
+    """(encoder states, the tokens they stand for): [B, L] as T5 encodes it; [B, n, L] encoded passage by
+    passage and joined to [B, n*L] (Fusion-in-Decoder), so padding rows and tokens stay masked."""
+    if tokens.ndim == 2:
+        return model.apply({"params": params}, tokens, enable_dropout=enable_dropout, method=T5.encode,
+                           rngs=rngs), tokens
+    b, n, length = tokens.shape
+    encoded = model.apply({"params": params}, tokens.reshape(b * n, length), enable_dropout=enable_dropout,
+                          method=T5.encode, rngs=rngs)
+    return encoded.reshape(b, n * length, encoded.shape[-1]), tokens.reshape(b, n * length)
+
+
 def generate(config: T5Config, params: Any, encoder_input_tokens: Any, *, max_decode_length: int,
              rng: jax.Array | None = None, top_k: int | None = None, temperature: float = 1.0) -> np.ndarray:
-    """int32 [B, max_decode_length]: greedy when rng is None, else (top-k) sampling at `temperature`."""
+    """int32 [B, max_decode_length]: greedy when rng is None, else (top-k) sampling at `temperature`.
+    encoder_input_tokens: [B, L], or [B, n, L] for Fusion-in-Decoder."""
     tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"encoder_input_tokens: expected [batch, length], got {tuple(tokens.shape)}")
+    if tokens.ndim not in (2, 3):
+        raise ValueError(f"encoder_input_tokens: expected [batch, length] or [batch, passages, length], "
+                         f"got {tuple(tokens.shape)}")
     if max_decode_length < 1:
         raise ValueError(f"max_decode_length={max_decode_length}: must be >= 1")
     sample = rng is not None

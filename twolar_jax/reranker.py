@@ -164,6 +164,10 @@ class Reranker:
         if isinstance(model, RankingModel):
             if score_head != "difference":
                 raise OptionError(f"score_head={score_head!r}: the model {type(model).__name__} carries its own head")
+            if model.score_features.names != ("encoder_input_tokens",) or model.score_features.features[0].rank != 2:
+                raise OptionError(f"{type(model).__name__} scores {model.score_features.names}, not rows of pair "
+                                  "tokens: the Reranker scores (query, document) pairs (a listwise model: "
+                                  "ListwiseReranker)")
         else:
             model = PointwiseCrossEncoder(model, score_head=score_head, score_tokens=resolve_score_tokens(self.tokenizer))
         return model.for_scoring(dtype=dtype, scan_layers=scan_layers)

@@ -78,20 +78,28 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
     return dict(out)
 
 
-def score_function(model: RankingModel) -> Callable[[Any, jax.Array], jax.Array]:
-    """The one scoring program: (params, tokens [rows, length]) -> fp32 scores [rows]. The Reranker runs it,
-    `twolar compile --job=score` compiles it for TPU slices; both partition it with `Partitioner.partition`."""
-    def score(params: Any, tokens: jax.Array) -> jax.Array:
-        return model.scores(params, {model.score_input: tokens})
+def score_function(model: RankingModel) -> Callable[[Any, Any], jax.Array]:
+    """The one scoring program: (params, a `score_features` batch) -> fp32 scores. The Reranker runs it on
+    {"encoder_input_tokens": [rows, length]}, `twolar compile --job=score` compiles it for TPU slices; both
+    partition it with `Partitioner.partition`."""
+    def score(params: Any, batch: Any) -> jax.Array:
+        return model.scores(params, batch)
     return score
 
 
-def partition_scoring(model: RankingModel, partitioner: Partitioner, params_like: Any) -> PartitionedFunction:
-    """`score_function` jitted with the parameters' and the tokens' shardings (rows split on the batch axes)."""
+def partition_scoring(model: RankingModel, partitioner: Partitioner, params_like: Any,
+                      batch_like: Any) -> PartitionedFunction:
+    """`score_function` jitted with the parameters' shardings and the batch's (rows split on the batch axes,
+    as the model's score_features declare); the scores' layout is left to the compiler."""
     param_shardings = partitioner.param_shardings(model.param_logical_axes(), params_like)
-    rows = partitioner.sharding(("batch",))
-    return partitioner.partition(score_function(model), in_shardings=(param_shardings, token_sharding(partitioner)),
-                                 out_shardings=rows)
+    batch_shardings = partitioner.batch_shardings(batch_like, model.score_features)
+    return partitioner.partition(score_function(model), in_shardings=(param_shardings, batch_shardings),
+                                 out_shardings=None)
+
+
+def _pairs(tokens: Any) -> dict[str, Any]:
+    """A pointwise score batch (POINTWISE_SCORE_BATCH) of pair tokens [rows, length]."""
+    return {"encoder_input_tokens": tokens}
 
 
 def token_sharding(partitioner: Partitioner) -> NamedSharding:
@@ -136,34 +144,34 @@ class ScoreProgram:
     def __init__(self, params: Any, *, model: RankingModel, partitioner: Partitioner,
                  cache: ExecutableCache | None) -> None:
         self.params, self.model, self.partitioner, self.cache = params, model, partitioner, cache
-        self.fn = partition_scoring(model, partitioner, params)
+        self.fn = partition_scoring(model, partitioner, params, _pairs(np.zeros((1, 1), np.int32)))
         self._programs: dict[tuple[int, ...], Any] = {}
         self._pending: dict[tuple[int, ...], concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._base: dict[str, Any] | None = None
         self._devices = list(partitioner.mesh.devices.flat)  # the order of the executable's device assignment
-        self._trees = (jax.tree.structure(((params, 0), {})), jax.tree.structure(0))  # (in, out); tokens: a leaf
+        self._trees = (jax.tree.structure(((params, _pairs(0)), {})), jax.tree.structure(0))  # (in, out)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if self.cache is None:
-            return self.fn(self.params, tokens)
+            return self.fn(self.params, _pairs(tokens))
         shape = tokens.shape
         program = self._programs.get(shape)
         if program is not None:
-            return program(self.params, tokens)
+            return program(self.params, _pairs(tokens))
         with self._lock:
             pending = self._pending.pop(shape, None)
         if pending is not None:
             pending.result()  # it is in the cache's memory now, or was not stored (then compiled below)
         program, compiled = self._load_or_compile(tokens)
         try:
-            out = program(self.params, tokens)
+            out = program(self.params, _pairs(tokens))
         except (TypeError, ValueError) as e:  # a stored program that does not take these arguments
             if compiled:
                 raise
             self.cache.reject(self.description(shape), f"{type(e).__name__}: {e}")
             program, _ = self._load_or_compile(tokens)
-            out = program(self.params, tokens)
+            out = program(self.params, _pairs(tokens))
         self._programs[shape] = program
         return out
 
@@ -182,7 +190,7 @@ class ScoreProgram:
 
     def _load_or_compile(self, tokens: jax.Array) -> tuple[Any, bool]:
         def compile_fn() -> tuple[Any, bool]:
-            return compile_fresh(self.fn.lower(self.params, tokens))
+            return compile_fresh(self.fn.lower(self.params, _pairs(tokens)))
 
         return self.cache.get_or_compile(self.description(tokens.shape), compile_fn, in_tree=self._trees[0],
                                          out_tree=self._trees[1], devices=self._devices)

@@ -1,12 +1,12 @@
 """What a training run's gin files say the step is, read without the data side (AOT never reads data).
 
-The run file does `import data_pipeline.seqio_input.tasks`, which would load TensorFlow and seqio (seconds
-and about a GiB) only to register the two configurables that make batches (`seqio_batches`,
-`DistillFiles`). Binding `train.train_batches` to a placeholder alone would not stop that import, so the
+The run file does `import data_pipeline.seqio_input.tasks` (the listwise run: `...listwise`), which would load
+TensorFlow and seqio (seconds and about a GiB) only to register the configurables that make batches
+(`seqio_batches`, `DistillFiles`; `listwise_seqio_batches`, `ListwiseFiles`). Binding `train.train_batches` to a placeholder alone would not stop that import, so the
 import of `data_pipeline` is refused while the files are parsed, and gin skips it and the bindings of
 exactly those two names (skip_unknown with a list); any other unknown name, a typo in an override for
 instance, stays an error. The bindings that *refer* to them (`train.train_batches`,
-`ValidationConfig.batches`, `DISTILL_FILES`) are then bound to None, because gin refuses to finish a config
+`ValidationConfig.batches`, `DISTILL_FILES`, `LISTWISE_FILES`) are then bound to None, because gin refuses to finish a config
 with references to unknown names; the %gin.REQUIRED MODEL_DIR and DISTILL_JSONL macros get placeholders.
 Nothing reads any of them. The batch shape comes from the BATCH_SIZE, GROUP_SIZE and MAX_LENGTH macros that
 the run file passes to the data source; everything else is `train(...)`'s own bindings, or its defaults
@@ -41,9 +41,9 @@ from twolar_jax.ranking.interface import RankingModel
 from twolar_jax.ranking.pointwise import PointwiseCrossEncoder
 
 DATA_PACKAGE = "data_pipeline"
-DATA_CONFIGURABLES = ("seqio_batches", "DistillFiles")
+DATA_CONFIGURABLES = ("seqio_batches", "DistillFiles", "listwise_seqio_batches", "ListwiseFiles")
 PLACEHOLDERS = ("MODEL_DIR = '<aot: not used>'", "DISTILL_JSONL = '<aot: not used>'", "DISTILL_FILES = None",
-                "train.train_batches = None", "ValidationConfig.batches = None")
+                "LISTWISE_FILES = None", "train.train_batches = None", "ValidationConfig.batches = None")
 TRAIN = "twolar_jax.train.train"
 RUN_DEFAULTS = "runs/distill_train.gin"  # in the shipped gin folder; parsed first for a train compile
 # The macro the run file binds each train() argument to, named in errors: what a user would set.
@@ -68,11 +68,15 @@ class TrainJob:
     batch_size: int  # queries per update (all micro-batches, all hosts)
     group_size: int  # passages per query
     max_length: int  # tokens per passage
+    target_length: Optional[int] = None  # decoder target tokens (listwise students), TARGET_LENGTH
 
     @property
     def sizes(self) -> dict[str, int]:
         """The batch's dimension sizes by the names the model's feature declaration uses."""
-        return {"batch": self.batch_size, "group_size": self.group_size, "max_length": self.max_length}
+        sizes = {"batch": self.batch_size, "group_size": self.group_size, "max_length": self.max_length}
+        if self.target_length is not None:
+            sizes["target_length"] = self.target_length
+        return sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +187,11 @@ def _macro(name: str) -> int:
     return _int(name, value, 1)
 
 
+def _optional_macro(name: str) -> Optional[int]:
+    value = _bound(name, None)
+    return None if value is None else _int(name, value, 1)
+
+
 def _train_model() -> Any:
     """train.model as bound (the run file: %MODEL_CONFIG), else MODEL_CONFIG; never train()'s default 'tiny'."""
     unbound = object()
@@ -216,7 +225,7 @@ def train_job() -> TrainJob:
                     mesh_shape=_mesh_shape(), rules=_rules(_train_arg("logical_axis_rules")),
                     total_steps=_train_int("total_steps", 0) or 1, seed=_train_int("seed", None),
                     batch_size=_macro("BATCH_SIZE"), group_size=_macro("GROUP_SIZE"),
-                    max_length=_macro("MAX_LENGTH"))
+                    max_length=_macro("MAX_LENGTH"), target_length=_optional_macro("TARGET_LENGTH"))
 
 
 def score_job(*, batch_size: int, max_length: int, dtype: Optional[str]) -> ScoreJob:

@@ -95,7 +95,10 @@ def train_program(job: TrainJob, devices: Sequence[Any]) -> Program:
     per_micro = job.batch_size // m
     _check_split(per_micro, partitioner,
                  f"BATCH_SIZE / NUM_MICROBATCHES = {job.batch_size} / {m} = {per_micro} queries per micro-batch")
-    batch = model.batch_features.abstract(job.sizes)
+    try:
+        batch = model.batch_features.abstract(job.sizes)
+    except ValueError as e:  # a dimension the gin files do not size (TARGET_LENGTH for a listwise student)
+        raise OptionError(f"{type(model).__name__}'s batch: {e}; bind its size in the gin files") from None
     rng = jax.ShapeDtypeStruct(jax.random.PRNGKey(0).shape, jnp.uint32)
     start = time.perf_counter()
     traced = trainer.train_step(batch).trace(trainer.shapes, batch, rng)
@@ -118,12 +121,13 @@ def score_program(job: ScoreJob, devices: Sequence[Any]) -> Program:
     _check_split(job.batch_size, partitioner, f"--batch_size={job.batch_size}")
     shapes = abstract_params(model)
     params = train_state.with_shardings(shapes, partitioner.param_shardings(model.param_logical_axes(), shapes))
-    tokens = jax.ShapeDtypeStruct((job.batch_size, job.max_length), jnp.int32,
-                                  sharding=scoring_runtime.token_sharding(partitioner))
+    sizes = {"batch": job.batch_size, "max_length": job.max_length, **model.fixed_sizes()}
+    batch = model.score_features.abstract(sizes)
     start = time.perf_counter()
-    traced = scoring_runtime.partition_scoring(model, partitioner, shapes).trace(params, tokens)
+    traced = scoring_runtime.partition_scoring(model, partitioner, shapes, batch).trace(params, batch)
     head = getattr(model, "score_head", None)
-    shape = f"batch={job.batch_size}x{job.max_length}" + (f" head={head}" if head else "") + _describe(model)
+    dims = "x".join(str(sizes[d]) for d in model.score_features.features[0].dims)
+    shape = f"batch={dims}" + (f" head={head}" if head else "") + _describe(model)
     return Program("score", traced, partitioner.mesh, model, shape, time.perf_counter() - start, _count(shapes))
 
 

@@ -164,6 +164,12 @@ LISTWISE_GROUP_BATCH = FeatureSet((
 ))
 """A distillation batch of teacher-ordered groups: B queries x N passages x L tokens."""
 
+POINTWISE_SCORE_BATCH = FeatureSet((
+    Feature("encoder_input_tokens", "int32", ("batch", "max_length"), ("batch", None),
+            doc="one templated (query, document) pair per row, 0-padded"),
+))
+"""What a pointwise model scores: rows of pair tokens (the Reranker's length-bucketed batches)."""
+
 DISTILL_RECORD = FeatureSet((
     Feature("qid", "string", (), ()),
     Feature("query", "string", (), ()),
@@ -175,3 +181,16 @@ DISTILL_RECORD = FeatureSet((
 ))
 """One stored distillation example (unbatched, untokenized): what the TFDS builder writes and the TF
 preprocessors read; every student family reads this same record."""
+
+FID_WINDOW_BATCH = FeatureSet((
+    Feature("encoder_input_tokens", "int32", ("batch", "group_size", "max_length"), ("batch", None, None),
+            doc="one templated passage per slot, identifiers 1..n after the shuffle, 0-padded"),
+    Feature("decoder_target_tokens", "int32", ("batch", "target_length"), ("batch", None),
+            doc="`[a] > [b] > ...` in teacher order + EOS, 0-padded"),
+    _group_feature("teacher_ranks", "int32", "each slot's place in the teacher order, 0 = best"),
+    _group_feature("passage_mask", "int32", "1 = a real passage, 0 = an empty slot", bool_ok=True),
+))
+"""A listwise (Fusion-in-Decoder) batch: B windows x n passage slots x L tokens, and the target permutation."""
+
+FID_SCORE_BATCH = FeatureSet(tuple(f for f in FID_WINDOW_BATCH if f.name in ("encoder_input_tokens", "passage_mask")))
+"""What a listwise model scores: windows of passages and which slots hold one."""

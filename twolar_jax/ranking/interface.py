@@ -29,7 +29,7 @@ class RankingModel(abc.ABC):
 
     batch_features: FeatureSet  # a training / validation batch
     record_features: FeatureSet = DISTILL_RECORD  # the stored example its batches are built from
-    score_input: str = "encoder_input_tokens"  # the scorer's token feature: [rows, max_length] ids
+    score_features: FeatureSet  # what `scores` reads when a scorer calls it (and the AOT score job traces)
     no_signal: str = "no example has anything to learn from"  # why a batch with zero weight teaches nothing
 
     # --- parameters ---------------------------------------------------------------------------
@@ -65,7 +65,11 @@ class RankingModel(abc.ABC):
 
     @abc.abstractmethod
     def scores(self, params: Any, batch: Batch) -> jax.Array:
-        """fp32 scores, one per row of `batch[score_input]`'s leading dims ([B, N, L] -> [B, N])."""
+        """fp32 scores of a `score_features` batch (and of a `batch_features` one: [B, N, L] tokens -> [B, N])."""
+
+    def fixed_sizes(self) -> dict[str, int]:
+        """Dimension sizes the model fixes itself (a listwise window), for abstract score batches."""
+        return {}
 
     def predict(self, params: Any, batch: Batch) -> jax.Array:
         """The model's own output (a permutation, generated ids), where the family has one."""

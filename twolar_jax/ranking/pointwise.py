@@ -22,7 +22,7 @@ from twolar_jax.model import network
 from twolar_jax.model import scan as model_scan
 from twolar_jax.model.config import RUNTIME_FIELDS, T5Config
 from twolar_jax.model.network import T5
-from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH
+from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH, POINTWISE_SCORE_BATCH
 from twolar_jax.ranking.interface import Batch, PairEncoder, RankingModel
 from twolar_jax.ranking.pointwise_inputs import PairEncoder as TemplatePairEncoder
 
@@ -39,6 +39,7 @@ class PointwiseCrossEncoder(RankingModel):
     ndcg_k: int | None = 10
 
     batch_features = LISTWISE_GROUP_BATCH
+    score_features = POINTWISE_SCORE_BATCH
     no_signal = "no query has two real passages (passage_mask), so there is no pair to learn from"
 
     def __post_init__(self) -> None:
