@@ -1,6 +1,7 @@
 """Dense bi-encoder retrieval (DRAGON+ style, or any sentence-transformers style encoder) over faiss."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -75,10 +76,12 @@ class DenseRetriever:
             emb = np.load(emb_path)
             self._ids = json.loads(ids_path.read_text())
         else:
-            passages = list(corpus.documents())
-            emb = self._encode(self._encoder(self.context_encoder_path), [p.contents for p in passages],
-                               self.max_length, desc=f"{self.name}: encode corpus")
-            self._ids = [p.docid for p in passages]
+            # Chunks of whole batches (the same batches as one call), so no list of every passage is held.
+            encoder, docs, chunk, parts = self._encoder(self.context_encoder_path), corpus.documents(), [], []
+            while chunk := [d.contents for d in itertools.islice(docs, self.batch_size * 256)]:
+                parts.append(self._encode(encoder, chunk, self.max_length, desc=f"{self.name}: encode corpus"))
+            emb = np.concatenate(parts) if parts else self._encode(encoder, [], self.max_length)
+            self._ids = list(corpus)
             with atomic_writer(emb_path, "wb") as f:
                 np.save(f, emb)
             write_text_atomic(ids_path, json.dumps(self._ids))
