@@ -61,7 +61,11 @@ def _groups(pending: Sequence[RankRequest], pairs_per_call: int) -> list[list[Ra
 
 def _score_groups(scorer: PairScorer, groups: Sequence[Sequence[RankRequest]]) -> Iterator[np.ndarray]:
     """Scores per group: one streaming call when the scorer has `score_groups` (the Reranker: the next
-    groups are tokenized while the device scores this one), else one `score_pairs` call per group."""
+    groups are tokenized while the device scores this one), a listwise scorer's `score_requests` (each query
+    ranked whole: eval.listwise), else one `score_pairs` call per group."""
+    if hasattr(scorer, "score_requests"):
+        yield from scorer.score_requests(groups)
+        return
     if hasattr(scorer, "score_groups"):
         pairs = ([(r.query, c.text) for r in group for c in r.candidates] for group in groups)
         yield from scorer.score_groups(pairs)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from eval import multihost
+from eval.listwise import ListwiseOptions, add_listwise_flags
 from eval.metrics import default_measures
 from eval.trec import score_rank_llm_file, score_run_file
 from retrieval.candidates import requests_from_run
@@ -133,7 +134,7 @@ def rerank_file(args: argparse.Namespace) -> Optional[dict[str, float]]:
             _check_judged(args.qrels, requests, args.run)
         scorer, key = load_keyed_reranker(args.checkpoint, score_head=args.score_head, dtype=args.dtype,
                                           batch_size=args.batch_size, max_length=args.max_length,
-                                          truncation=args.truncation)
+                                          truncation=args.truncation, listwise=_listwise_options(args))
         log_path = Path(f"{out}.scores.jsonl")
         entry.on_interrupt(f"the scores of every finished query are in "
                            f"{multihost.host_path(log_path, '.jsonl', *multihost.process_layout())}")
@@ -153,6 +154,15 @@ def rerank_file(args: argparse.Namespace) -> Optional[dict[str, float]]:
         measures = args.measures or list(default_measures(args.top_k))
         score = score_rank_llm_file if args.output_format == "rank_llm" else score_run_file
         return score(args.qrels, str(out), measures, allow_unjudged=args.allow_unjudged)[0]
+
+
+def _listwise_options(args: argparse.Namespace) -> ListwiseOptions:
+    """--listwise/--window/--stride/--passage_length, checked (their defaults: 20, 10, 150)."""
+    defaults = ListwiseOptions()
+    options = ListwiseOptions(args.listwise, *(getattr(args, n) if getattr(args, n) is not None else getattr(defaults, n)
+                                                for n in ("window", "stride", "passage_length")))
+    options.check(prefix="--")
+    return options
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -175,6 +185,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--truncation", default="document", help="what is cut when a pair is too long")
     p.add_argument("--pairs_per_call", type=entry.positive_int, default=1024, help="pairs handed to the scorer at once")
     p.add_argument("--run_tag", default="twolar")
+    add_listwise_flags(p)
     entry.add_common_flags(p)
     multihost.add_flags(p)
     return p.parse_args(argv)

@@ -24,6 +24,7 @@ from eval import datasets as eval_sets
 from eval import multihost, score_log
 from eval.metrics import (default_measures, evaluate_run, parse_measures, queries_label, results_table,
                           to_markdown, write_json, write_text)
+from eval.listwise import ListwiseOptions, add_listwise_flags, load_listwise
 from eval.rerank import PairScorer
 from retrieval.candidates import requests_from_run
 from retrieval.readers import read_run
@@ -65,6 +66,14 @@ class RerankerConfig:
     max_length: int = 512
     truncation: str = "document"
     mesh_shape: Sequence[int] = (-1, 1, 1)
+    listwise: Optional[str] = None  # "first" | "generate": a listwise (FiD) student, ranked over windows
+    window: int = 20
+    stride: int = 10
+    passage_length: int = 150
+
+    @property
+    def listwise_options(self) -> ListwiseOptions:
+        return ListwiseOptions(self.listwise, self.window, self.stride, self.passage_length)
 
     def check(self) -> None:
         """Every field, named as a gin binding (`RerankerConfig.dtype='float16': ...`)."""
@@ -80,6 +89,7 @@ class RerankerConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"RerankerConfig.{name}={value!r}: expected an integer >= 1")
         _check_mesh_shape(self.mesh_shape)
+        self.listwise_options.check()
 
     def load(self) -> tuple[PairScorer, dict]:
         """(the Reranker, the model half of its score-log key)."""
@@ -88,7 +98,8 @@ class RerankerConfig:
                               "--gin.RerankerConfig.checkpoint=\"'DIR'\" (or --gin.evaluate.mode=\"'bm25'\")")
         return load_keyed_reranker(self.checkpoint, score_head=self.score_head, dtype=self.dtype,
                                    batch_size=self.batch_size, max_length=self.max_length,
-                                   truncation=self.truncation, mesh_shape=self.mesh_shape)
+                                   truncation=self.truncation, mesh_shape=self.mesh_shape,
+                                   listwise=self.listwise_options)
 
 
 def load_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
@@ -107,18 +118,25 @@ def load_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: i
 
 
 def load_keyed_reranker(checkpoint: str, *, score_head: str, dtype: str, batch_size: int, max_length: int,
-                        truncation: str, mesh_shape: Sequence[int] = (-1, 1, 1)) -> tuple[PairScorer, dict]:
+                        truncation: str, mesh_shape: Sequence[int] = (-1, 1, 1),
+                        listwise: ListwiseOptions = ListwiseOptions()) -> tuple[PairScorer, dict]:
     """(scorer, the model half of its score-log key): the checkpoint is resolved once (a hub id to its
-    snapshot dir), and a MODEL_DIR is loaded at the step the key names."""
+    snapshot dir), and a MODEL_DIR is loaded at the step the key names. `listwise.method` set: a listwise
+    student ranked over sliding windows (eval.listwise) instead of the pointwise Reranker."""
     from twolar_jax.hub import resolve_checkpoint
 
     local = resolve_checkpoint(checkpoint)
     identity = score_log.checkpoint_identity(local)
-    scorer = load_reranker(str(local), score_head=score_head, dtype=dtype, batch_size=batch_size,
-                           max_length=max_length, truncation=truncation, step=identity.get("step"),
-                           mesh_shape=mesh_shape)
-    return scorer, score_log.score_key(identity, score_head=score_head, dtype=dtype, max_length=max_length,
-                                       truncation=truncation)
+    if listwise.method:
+        scorer = load_listwise(str(local), listwise, dtype=dtype, batch_size=batch_size, mesh_shape=mesh_shape,
+                               step=identity.get("step"))
+    else:
+        scorer = load_reranker(str(local), score_head=score_head, dtype=dtype, batch_size=batch_size,
+                               max_length=max_length, truncation=truncation, step=identity.get("step"),
+                               mesh_shape=mesh_shape)
+    key = score_log.score_key(identity, score_head=score_head, dtype=dtype, max_length=max_length,
+                              truncation=truncation)
+    return scorer, {**key, **listwise.key()}
 
 
 def first_stage_run(ds: eval_sets.EvalSet, name: str, stage: FirstStage) -> Run:
@@ -313,9 +331,16 @@ EVAL_NOTE = ("rerank mode (the default) needs RerankerConfig.checkpoint (an HF T
 def _flags(argv: Sequence[str]):
     parser = entry.parser_with_gin_help("twolar-eval", "Rerank and evaluate on TREC DL / BEIR (gin configures the job).",
                                         "eval/", "mesh/", note=EVAL_NOTE)
+    add_listwise_flags(parser)
     entry.add_common_flags(parser)
     multihost.add_flags(parser)
     return parser.parse_args(list(argv))
+
+
+def listwise_bindings(flags: Any) -> list[str]:
+    """The gin bindings the listwise flags stand for (parsed after the user's, so a flag wins)."""
+    names = ("listwise", "window", "stride", "passage_length")
+    return [f"RerankerConfig.{n} = {getattr(flags, n)!r}" for n in names if getattr(flags, n) is not None]
 
 
 def _bound(name: str) -> Any:
@@ -372,7 +397,7 @@ def _main(argv: list[str]) -> int:
     entry.start(flags)
     multihost.initialize(flags)
     configured = register_configurables()
-    gin_utils.parse_gin_flags(files, bindings, paths)
+    gin_utils.parse_gin_flags(files, bindings + listwise_bindings(flags), paths)
     check_bound_options()
     entry.on_interrupt(f"the scores of every finished query are in {gin_utils.query('evaluate.output_dir')}")
     configured()
