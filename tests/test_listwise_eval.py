@@ -72,3 +72,34 @@ def test_listwise_eval_rank_llm_output_and_bad_options(ckpt, cands, tmp_path, ca
     assert err.count("\n") == 1 and "--window=5, --stride=9" in err
     with pytest.raises(OptionError, match="RerankerConfig.listwise='fist'"):
         ListwiseOptions("fist").check()
+
+
+def test_listwise_eval_job_flags_bind_the_reranker_config(ckpt, data_dir, tmp_path, capsys):
+    """`twolar-eval --listwise first --window 6 --stride 3` on 2 DL19 queries: the flags bind
+    RerankerConfig.listwise/window/stride, the run is the ListwiseReranker's order, metrics are written."""
+    from eval import run as eval_run
+
+    data = tmp_path / "data"
+    (data / "trec_dl").mkdir(parents=True)
+    cands = json.loads((data_dir / "trec_dl" / "dl19_bm25_top100.json").read_text())[:2]
+    for c in cands:
+        c["hits"] = c["hits"][:8]
+    (data / "trec_dl" / "dl19_bm25_top100.json").write_text(json.dumps(cands))
+    keep = {str(c["hits"][0]["qid"]) for c in cands}
+    qrels = (data_dir / "trec_dl" / "qrels.dl19-passage.txt").read_text().splitlines()
+    (data / "trec_dl" / "qrels.dl19-passage.txt").write_text("".join(q + "\n" for q in qrels if q.split()[0] in keep))
+    out = tmp_path / "out"
+    code = eval_run.console_main([
+        "--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.data_dir='{data}'", f"--gin.evaluate.output_dir='{out}'",
+        f"--gin.RerankerConfig.checkpoint='{ckpt}'", "--gin.evaluate.top_k=8", "--gin.RerankerConfig.batch_size=8",
+        "--listwise", "first", "--window", "6", "--stride", "3", "--passage_length", "48", "--log_level", "WARNING"])
+    assert code == 0, capsys.readouterr().err
+    assert "RerankerConfig.listwise = 'first'" in (out / "config.gin").read_text()
+    run = readers.read_run(out / "trec_dl_dl19" / "run.trec")
+    reference = ListwiseReranker.from_pretrained(ckpt, method="first", window=6, stride=3, passage_length=48)
+    for c in cands:
+        want = reference.rank(c["query"], [h["content"] for h in c["hits"]], [h["docid"] for h in c["hits"]])
+        got = sorted(run[str(c["hits"][0]["qid"])].items(), key=lambda kv: -kv[1])
+        assert [d for d, _ in got] == [d.doc_id for d in want]
+    metrics = json.loads((out / "trec_dl_dl19" / "metrics.json").read_text())
+    assert metrics["mode"] == "rerank" and 0.0 <= metrics["mean"]["nDCG@10"] <= 1.0
