@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from console_cases import TEST_ONLY_ENV, visible_lines
-from twolar_jax.demo import SYSTEMS, ScorerAsPairScorer
+from twolar_jax.demo import LISTWISE_SYSTEMS, STAGES, SYSTEMS, ScorerAsPairScorer
 
 NATIVE_CHATTER = re.compile(r"^[IWEF]\d{4} |absl|cuInit|CUDA|cuda|libtpu|TPU|SLF4J|oneDNN|InitGoogle|Source Location|^INFO: |org\.apache")
 
@@ -79,5 +79,53 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, installed_wheel):
     second = subprocess.run(cmd, env=env, cwd=installed_wheel["cwd"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in ("build", "train", "eval"):
+        assert f"[demo] {stage}: already done" in second.stdout
+    assert json.loads((out / "results.json").read_text())["table"] == results["table"]
+
+
+def test_default_student_runs_the_original_stages_listwise_only_on_request(tmp_path):
+    """--student pointwise (the default) runs exactly the four stages it always ran; the listwise stages only
+    run for listwise/both. The held-out split the FiD student trains on is deterministic (resumable)."""
+    from twolar_jax.demo import parse_args, split_distillation_set, student_stages
+
+    assert parse_args(["--quick"])[0].student == "pointwise"
+    assert [s for s in STAGES if s in student_stages("pointwise")] == ["build", "train", "eval", "report"]
+    assert [s for s in STAGES if s in student_stages("listwise")] == ["build", "train_listwise", "eval_listwise",
+                                                                       "report"]
+    assert student_stages("both") == set(STAGES)
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(f'{{"qid": "{i}"}}\n' for i in range(20)))
+    files = split_distillation_set(source, tmp_path / "split", 0.1)
+    assert len(files["train"].read_text().splitlines()) == 18
+    assert files["validation"].read_text().splitlines() == ['{"qid": "18"}', '{"qid": "19"}']
+
+
+@pytest.mark.slow
+@pytest.mark.bm25
+def test_demo_quick_listwise_student_end_to_end(tmp_path, installed_wheel):
+    """`--quick --student listwise`: the tiny FiD student trained on the demo's build, ranked with FIRST's
+    method; its before/after rows have finite nDCG@10, the plot carries its validation nDCG@10, a re-run
+    skips every finished stage."""
+    out = tmp_path / "demo"
+    env = {k: v for k, v in installed_wheel["env"].items() if k not in TEST_ONLY_ENV}
+    cmd = [sys.executable, "-m", "twolar_jax.demo", "--quick", "--student", "listwise", "--output_dir", str(out)]
+    first = subprocess.run(cmd, env=env, cwd=installed_wheel["cwd"], capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    chatter = [line for line in visible_lines(first.stderr) if NATIVE_CHATTER.search(line)]
+    assert chatter == [], chatter
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]) == set(LISTWISE_SYSTEMS)  # the pointwise stages did not run
+    for system in LISTWISE_SYSTEMS:
+        assert np.isfinite(results["table"][system]["nDCG@10"])
+        assert 0.0 <= results["table"][system]["nDCG@10"] <= 1.0
+        assert (out / "eval" / system / "beir_scifact" / "run.trec").stat().st_size > 0
+    curve = results["listwise_validation_ndcg@10"]
+    assert [step for step, _ in curve] == [0, 10, 20, 30] and all(np.isfinite(v) for _, v in curve)
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "student_listwise" / "data" / "validation.jsonl").read_text().splitlines()) == 6
+    assert "listwise FiD student after distillation" in first.stdout
+    second = subprocess.run(cmd, env=env, cwd=installed_wheel["cwd"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in ("build", "train_listwise", "eval_listwise"):
         assert f"[demo] {stage}: already done" in second.stdout
     assert json.loads((out / "results.json").read_text())["table"] == results["table"]

@@ -9,6 +9,9 @@ sentences + SciFact train claims, BM25 + a dense MiniLM retriever, the offline M
 tiny student with the sharded trainer, evaluate BM25 / teacher / student before / student after on
 held-out SciFact test queries, and report a table, metrics JSON and a loss-curve PNG. Each finished stage
 leaves `stages/<name>.json`; a re-run skips finished stages (`--force` re-runs the ones asked for).
+`--student listwise|both` adds a tiny Fusion-in-Decoder student (gin/experiments/demo_listwise*.gin) trained
+on the same build (stage train_listwise, a child `twolar-train` run) and ranked with FIRST's method (stage
+eval_listwise); the default `pointwise` runs exactly the four stages above.
 """
 from __future__ import annotations
 
@@ -29,11 +32,16 @@ from twolar_jax import entry, gin_utils, stop_signals, user_paths
 from twolar_jax.errors import OptionError
 from twolar_jax.durable_io import atomic_writer, write_json_atomic, write_text_atomic
 
-STAGES = ("build", "train", "eval", "report")
+STAGES = ("build", "train", "train_listwise", "eval", "eval_listwise", "report")
+STUDENT_STAGES = {"pointwise": ("train", "eval"), "listwise": ("train_listwise", "eval_listwise")}
+STUDENTS = ("pointwise", "listwise", "both")
 SYSTEMS = ("bm25", "teacher", "student_before", "student_after")
+LISTWISE_SYSTEMS = ("student_listwise_before", "student_listwise_after")
 SYSTEM_LABELS = {"bm25": "BM25 (pyserini, k1=0.9 b=0.4)", "teacher": "teacher: all-MiniLM-L6-v2 (offline)",
                  "student_before": "student before training (tiny, random init)",
-                 "student_after": "student after distillation (tiny)"}
+                 "student_after": "student after distillation (tiny)",
+                 "student_listwise_before": "listwise FiD student before training (tiny, random init)",
+                 "student_listwise_after": "listwise FiD student after distillation (tiny, FIRST)"}
 TABLE_MEASURES = ("nDCG@10", "nDCG@1", "RR@10")  # + recall at the depth reranked (table_measures)
 log = logging.getLogger("twolar.demo")
 
@@ -53,6 +61,10 @@ class DemoPaths:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def listwise(self) -> Path:
+        return self.root / "student_listwise"
 
     def stage_marker(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
@@ -98,7 +110,9 @@ def stage_build(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     return {"status": status, "train_queries": lines}
 
 
-def stage_train(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
+def stage_train(paths: DemoPaths, configured: dict[str, Callable], split: bool = False) -> dict:
+    if split:  # --student both: the shared held-out split, before gin builds the training files
+        held_out_split(paths)
     result = configured["train"]()
     if result.stopped_by:  # SIGTERM / Ctrl-C: the stage is not done (no marker); a re-run resumes the training
         print(f"[demo] train: stopped at step {result.step} by {result.stopped_by}, its checkpoint saved; run "
@@ -133,15 +147,138 @@ def stage_eval(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
     return {name: next(iter(r.values())) for name, r in results.items()}
 
 
-def plot_loss_curve(records: list[dict], path: Path) -> Path:
+def split_distillation_set(source: Path, out_dir: Path, fraction: float) -> dict[str, Path]:
+    """The build's JSONL cut into train and held-out validation files (the last lines), so the listwise
+    student's validation nDCG@10 is measured on queries it never trained on; rewritten identically on resume."""
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    held_out = max(1, int(round(len(lines) * fraction)))
+    if len(lines) - held_out < 1:
+        raise RuntimeError(f"{source} has {len(lines)} queries: too few to hold out {held_out} for validation")
+    files = {"train": out_dir / "train.jsonl", "validation": out_dir / "validation.jsonl"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(files["train"], "\n".join(lines[:-held_out]) + "\n")
+    write_text_atomic(files["validation"], "\n".join(lines[-held_out:]) + "\n")
+    return files
+
+
+def held_out_split(paths: DemoPaths) -> dict[str, Path]:
+    """The build cut once into the split both students share (`--student both`: same queries held out)."""
+    fraction = float(gin_utils.query("LISTWISE_VALIDATION_FRACTION"))
+    return split_distillation_set(paths.build / "train.jsonl", paths.listwise / "data", fraction)
+
+
+def pointwise_validation_bindings(paths: DemoPaths) -> list[str]:
+    """`--student both`: the pointwise student trains on the same split as the listwise one and validates on
+    its held-out queries, so the plot compares the two on equal terms (the default run binds none of this)."""
+    data = paths.listwise / "data"
+    return [f"DISTILL_JSONL = {str(data / 'train.jsonl')!r}", f"VALIDATION_JSONL = {str(data / 'validation.jsonl')!r}",
+            "train.validation = @ValidationConfig()", "ValidationConfig.period = %BOTH_VALIDATION_PERIOD",
+            "ValidationConfig.at_start = True"]
+
+
+def listwise_options() -> dict[str, int]:
+    """The listwise student's window, stride and passage length (demo.gin's LISTWISE_* macros): training and
+    ranking share them."""
+    return {"window": int(gin_utils.query("LISTWISE_WINDOW")), "stride": int(gin_utils.query("LISTWISE_STRIDE")),
+            "passage_length": int(gin_utils.query("LISTWISE_PASSAGE_LENGTH"))}
+
+
+def listwise_train_command(paths: DemoPaths, files: dict[str, Path], quick: bool) -> list[str]:
+    """`twolar-train` on the listwise gin: a child process, so its gin (FiDRanker, listwise batches) never
+    replaces the demo's (the pointwise student's train and the eval job)."""
+    options = listwise_options()
+    gin_file = "experiments/demo_listwise_quick.gin" if quick else "experiments/demo_listwise.gin"
+    bindings = {"MODEL_DIR": repr(str(paths.listwise)), "DISTILL_JSONL": repr(str(files["train"])),
+                "VALIDATION_JSONL": repr(str(files["validation"])), "WINDOW": options["window"],
+                "PASSAGE_LENGTH": options["passage_length"], "SEED": int(gin_utils.query("SEED"))}
+    return [sys.executable, "-m", "twolar_jax.train", f"--gin_file={gin_file}",
+            *(f"--gin.{name}={value}" for name, value in bindings.items())]
+
+
+def stage_train_listwise(paths: DemoPaths, configured: dict[str, Callable], quick: bool = False) -> dict:
+    """Trains (or resumes, from its checkpoint) the tiny FiD student on the build's queries."""
+    import subprocess
+
+    from twolar_jax.summaries import read_metrics
+
+    files = held_out_split(paths)
+    cmd = listwise_train_command(paths, files, quick)
+    log.info("listwise student: %s", " ".join(cmd))
+    child = subprocess.run(cmd, capture_output=True, text=True)
+    if child.returncode in (stop_signals.exit_code("SIGINT"), stop_signals.exit_code("SIGTERM")):
+        print("[demo] train_listwise: stopped, its checkpoint saved; run the demo again to resume", file=sys.stderr)
+        raise SystemExit(child.returncode)
+    if child.returncode != 0:
+        raise RuntimeError(f"the listwise student's training failed (exit {child.returncode}):\n"
+                           f"{(child.stdout + child.stderr)[-3000:]}")
+    train = read_metrics(paths.listwise, "train")
+    validation = read_metrics(paths.listwise, "validation")
+    return {"step": int(train[-1]["step"]) if train else 0, "train_metrics": train[-1] if train else {},
+            "validation_ndcg@10": [r.get("ndcg@10") for r in validation]}
+
+
+def stage_eval_listwise(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
+    """The FiD student before (the trainer's own initialisation) and after training, ranked with FIRST's
+    method over sliding windows of the same BM25 candidates as the other systems."""
+    from eval.listwise import ListwiseScorer
+    from twolar_jax import checkpointing
+    from twolar_jax.listwise_reranker import ListwiseReranker
+    from twolar_jax.ranking.listwise import FiDRanker
+    from twolar_jax.trainer import initial_params
+
+    options = listwise_options()
+    evaluate = configured["evaluate"]
+    config = checkpointing.read_model_config(paths.listwise)
+    scoring = gin_utils.query("evaluate.reranker")
+    model = FiDRanker(config, window=options["window"], loss_name="first")
+    before = ListwiseScorer(ListwiseReranker(config, initial_params(model, int(gin_utils.query("SEED"))),
+                                             method="first", batch_size=8, **options))
+    after = dataclasses.replace(scoring, checkpoint=str(paths.listwise), listwise="first", batch_size=8, **options)
+    results = {"student_listwise_before": evaluate(output_dir=str(paths.eval / "student_listwise_before"),
+                                                   reranker=before),
+               "student_listwise_after": evaluate(output_dir=str(paths.eval / "student_listwise_after"),
+                                                  reranker=after)}
+    return {name: next(iter(r.values())) for name, r in results.items()}
+
+
+def plot_loss_curve(records: list[dict], path: Path, validation: dict[str, list[dict]] | None = None,
+                    listwise_records: list[dict] | None = None) -> Path:
+    """The PNG the report links: the training loss (and agreement) per step; with `validation` ({student:
+    its validation records}), a second panel of each student's held-out nDCG@10 at every validation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {name: recs for name, recs in (validation or {}).items() if any("ndcg@10" in r for r in recs)}
+    fig, axes = plt.subplots(2 if curves else 1, 1, figsize=(7, 6.5 if curves else 4), dpi=120, squeeze=False)
+    ax = axes[0][0]
+    _plot_train(ax, records, listwise_records or [])
+    if curves:
+        low = axes[1][0]
+        for name, recs in curves.items():
+            points = [(r["step"], r["ndcg@10"]) for r in recs if "ndcg@10" in r]
+            low.plot(*zip(*points), marker="o", label=f"{name} student: held-out nDCG@10 vs the teacher")
+        low.set_xlabel("step")
+        low.set_ylabel("nDCG@10 (validation)")
+        low.grid(alpha=0.3)
+        low.legend(fontsize=8, frameon=False)
+    with atomic_writer(path, "wb") as f:
+        fig.tight_layout()
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def _plot_train(ax: Any, records: list[dict], listwise_records: list[dict]) -> None:
+    """The top panel, as the pointwise-only demo always drew it, plus the listwise student's loss if any."""
     steps = [r["step"] for r in records if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(steps, [r["loss"] for r in records if "loss" in r], color="tab:blue", label="RankNet loss (train)")
+    if steps or not listwise_records:
+        ax.plot(steps, [r["loss"] for r in records if "loss" in r], color="tab:blue", label="RankNet loss (train)")
+    listwise_steps = [r["step"] for r in listwise_records if "loss" in r]
+    if listwise_steps:
+        ax.plot(listwise_steps, [r["loss"] for r in listwise_records if "loss" in r], color="tab:green",
+                label="listwise FiD loss (train)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     agree_key = next((k for k in ("kendall_tau", "pairwise_agreement") if any(k in r for r in records)), None)
@@ -150,16 +287,12 @@ def plot_loss_curve(records: list[dict], path: Path) -> Path:
         ax2.plot([r["step"] for r in records if agree_key in r], [r[agree_key] for r in records if agree_key in r],
                  color="tab:orange", label=f"{agree_key} with the teacher (train batch)")
         ax2.set_ylabel(agree_key)
-        lines = ax.get_lines() + ax2.get_lines()
+    lines = ax.get_lines() + (ax2.get_lines() if agree_key else [])
+    if agree_key or listwise_steps:
         ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.16),
                   ncol=2, fontsize=8, frameon=False)
     ax.set_title("TWOLAR demo: tiny student distilled from the offline teacher")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_writer(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
 
 
 def table_measures(top_k: int) -> tuple[str, ...]:
@@ -173,39 +306,63 @@ def results_markdown(metrics: dict[str, dict[str, float]], num_queries: int, top
     header = "| system | " + " | ".join(measures) + " |"
     rule = "|---|" + "---|" * len(measures)
     rows = [f"| {SYSTEM_LABELS[s]} | " + " | ".join(f"{metrics[s].get(m, float('nan')):.4f}" for m in measures)
-            + " |" for s in SYSTEMS if s in metrics]
+            + " |" for s in SYSTEMS + LISTWISE_SYSTEMS if s in metrics]
     held_out = f"{num_queries} of {total_queries}" if total_queries and total_queries != num_queries else num_queries
     note = (f"\nSciFact test, {held_out} held-out queries; rerankers reorder BM25's top {top_k} "
             f"(R@{top_k}: recall of those {top_k}). The teacher is a small bi-encoder standing in for an LLM.\n")
     return "\n".join([header, rule, *rows]) + "\n" + note
 
 
-def stage_report(paths: DemoPaths, configured: dict[str, Callable]) -> dict:
+def report_metrics(paths: DemoPaths, student: str) -> tuple[dict[str, dict[str, float]], dict]:
+    """The table's rows from the finished eval stages of the chosen students (a default report never shows a
+    listwise row an earlier run left), and one system's metrics.json (its query counts)."""
+    metrics: dict[str, dict[str, float]] = {}
+    for stage in [s for s in ("eval", "eval_listwise") if s in student_stages(student)]:
+        marker = paths.stage_marker(stage)
+        if marker.exists():
+            metrics.update(json.loads(marker.read_text())["summary"])
+    if not metrics:
+        raise RuntimeError(f"the report needs an eval stage: {paths.stage_marker('eval')} is missing")
+    first = next(iter(metrics))
+    return metrics, json.loads((paths.eval / first / "beir_scifact" / "metrics.json").read_text())
+
+
+def stage_report(paths: DemoPaths, configured: dict[str, Callable], student: str = "pointwise") -> dict:
     from twolar_jax.summaries import read_metrics
 
-    marker = paths.stage_marker("eval")
-    if not marker.exists():
-        raise RuntimeError(f"the report needs the eval stage: {marker} is missing")
-    metrics = json.loads(marker.read_text())["summary"]
-    first = json.loads((paths.eval / "bm25" / "beir_scifact" / "metrics.json").read_text())
+    metrics, first = report_metrics(paths, student)
     table = results_markdown(metrics, int(first["num_queries"]), int(gin_utils.query("EVAL_TOP_K")),
                              int(first.get("total_queries") or first["num_queries"]))
     write_text_atomic(paths.root / "results.md", table)
-    records = read_metrics(paths.student, "train")
-    curve = plot_loss_curve(records, paths.root / "loss_curve.png")
+    pointwise = "eval" in student_stages(student)
+    records = read_metrics(paths.student, "train") if pointwise else []
+    listwise = "eval_listwise" in student_stages(student) and paths.stage_marker("eval_listwise").exists()
+    validation = {"pointwise": read_metrics(paths.student, "validation") if pointwise else [],
+                  "listwise": read_metrics(paths.listwise, "validation") if listwise else []}
+    listwise_records = read_metrics(paths.listwise, "train") if listwise else []
+    curve = plot_loss_curve(records, paths.root / "loss_curve.png", validation, listwise_records)
     losses = [r["loss"] for r in records if "loss" in r]
     summary = {"table": metrics, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "loss_curve": str(curve), "run_files": {s: str(paths.eval / s / "beir_scifact" / "run.trec")
-                                                       for s in SYSTEMS}}
+                                                       for s in metrics}}
+    for name, recs in validation.items():  # only students that validated: the default run adds no key
+        if any("ndcg@10" in r for r in recs):
+            summary[f"{name}_validation_ndcg@10"] = [[r["step"], r["ndcg@10"]] for r in recs if "ndcg@10" in r]
     write_json_atomic(paths.root / "results.json", summary)
     print("\n" + table)
-    print(f"loss: {summary['loss_first']:.4f} (first logged step) -> {summary['loss_last']:.4f} (last); "
-          f"curve: {curve}")
+    if losses:
+        print(f"loss: {summary['loss_first']:.4f} (first logged step) -> {summary['loss_last']:.4f} (last); "
+              f"curve: {curve}")
+    for name in validation:
+        if f"{name}_validation_ndcg@10" in summary:
+            print(f"{name} student, held-out nDCG@10 vs the teacher at each validation: " + ", ".join(
+                f"step {step}: {value:.4f}" for step, value in summary[f"{name}_validation_ndcg@10"]))
     print(f"run files: {paths.eval}/<system>/beir_scifact/run.trec; metrics: {paths.root / 'results.json'}")
     return summary
 
 
-STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "eval": stage_eval, "report": stage_report}
+STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "train_listwise": stage_train_listwise,
+                   "eval": stage_eval, "eval_listwise": stage_eval_listwise, "report": stage_report}
 
 
 # --- program -------------------------------------------------------------------------------------------
@@ -217,21 +374,39 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                                         "(the required macros) under it."))
     parser.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU (CI runs this)")
     parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    parser.add_argument("--stages", default=None, help=f"comma-separated subset of {STAGES} (those of --student; "
+                        "default: all of them)")
     parser.add_argument("--force", action="store_true", help="re-run the named stages even if finished")
+    parser.add_argument("--student", choices=STUDENTS, default="pointwise",
+                        help="which student(s) to distil and evaluate: the pointwise cross-encoder (default), the "
+                             "listwise Fusion-in-Decoder T5, or both side by side")
     entry.add_common_flags(parser, log_level="WARNING")
     return parser.parse_known_args(list(argv))
 
 
-def parse_stages(value: str) -> list[str]:
-    """The --stages list, checked: a non-empty comma-separated subset of STAGES."""
+def student_stages(student: str) -> set[str]:
+    """The stages a --student choice runs (the others are skipped even when --stages names them)."""
+    chosen = ("pointwise", "listwise") if student == "both" else (student,)
+    return {"build", "report"} | {stage for s in chosen for stage in STUDENT_STAGES[s]}
+
+
+def parse_stages(value: str | None, student: str = "pointwise") -> list[str]:
+    """The --stages list, checked: a non-empty comma-separated subset of the --student's stages (all of them
+    when not given), in STAGES order."""
+    own = tuple(s for s in STAGES if s in student_stages(student))
+    if value is None:
+        return list(own)
     stages = [s.strip() for s in value.split(",") if s.strip()]
     if not stages:
-        raise OptionError(f"--stages={value!r}: name at least one of {STAGES}")
+        raise OptionError(f"--stages={value!r}: name at least one of {own}")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise OptionError(f"--stages={value!r}: unknown stages {unknown}; expected a subset of {STAGES}")
-    return stages
+        raise OptionError(f"--stages={value!r}: unknown stages {unknown}; expected a subset of {own}")
+    other = [s for s in stages if s not in own]
+    if other:
+        raise OptionError(f"--stages={value!r}: {other} belong to another student than --student={student} "
+                          "(--student listwise or both runs the listwise stages)")
+    return [s for s in STAGES if s in stages]
 
 
 def prepare_output_dir(output_dir: str) -> DemoPaths:
@@ -250,22 +425,25 @@ def prepare_output_dir(output_dir: str) -> DemoPaths:
 
 def run_demo(argv: Sequence[str]) -> dict:
     args, rest = parse_args(argv)
-    stages = parse_stages(args.stages)
+    stages = parse_stages(args.stages, args.student)
     files, bindings, search_paths, leftover = gin_utils.split_gin_args(rest)
     if leftover:
         raise OptionError(f"unknown arguments {leftover} (see --help)")
     entry.start(args)
     user_paths.check_output("--output_dir", args.output_dir, kind="dir")
     paths = DemoPaths(Path(args.output_dir).expanduser().resolve())
-    if "report" in stages and "eval" not in stages and not paths.stage_marker("eval").exists():
+    evals = [s for s in ("eval", "eval_listwise") if s in student_stages(args.student)]
+    if "report" in stages and not any(s in stages or paths.stage_marker(s).exists() for s in evals):
         raise OptionError(f"--stages={args.stages!r}: the report needs the eval stage, which has not run in "
-                          f"{paths.root} (add eval to --stages)")
+                          f"{paths.root} (add {evals[0]} to --stages)")
     from retrieval.lucene import ensure_java
 
     ensure_java()  # before anything imports pyserini/jnius
     base = ["experiments/demo_quick.gin" if args.quick else "experiments/demo.gin"]
     stage_bindings = [f"OUTPUT_DIR = {str(paths.build)!r}", f"MODEL_DIR = {str(paths.student)!r}",
                       f"DISTILL_JSONL = {str(paths.build / 'train.jsonl')!r}"]
+    if args.student == "both":
+        stage_bindings += pointwise_validation_bindings(paths)
     configured = register_configurables()
     gin_utils.parse_gin_flags(base + files, stage_bindings + bindings, search_paths)
     prepare_output_dir(args.output_dir)  # only now: the flags and gin files have been checked
@@ -281,7 +459,9 @@ def run_demo(argv: Sequence[str]) -> dict:
             continue
         print(f"[demo] {stage}: running")
         start = time.time()
-        summary = STAGE_FUNCTIONS[stage](paths, configured)
+        extra = {"train_listwise": {"quick": args.quick}, "train": {"split": args.student == "both"},
+                 "report": {"student": args.student}}.get(stage, {})
+        summary = STAGE_FUNCTIONS[stage](paths, configured, **extra)
         seconds = time.time() - start
         write_json_atomic(marker, {"stage": stage, "seconds": round(seconds, 1), "quick": args.quick,
                                    "summary": summary})
