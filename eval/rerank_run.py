@@ -125,16 +125,17 @@ def rerank_file(args: argparse.Namespace) -> Optional[dict[str, float]]:
     from eval.run import load_keyed_reranker
 
     _check_inputs(args)
-    out = Path(args.output)  # one job per OUT (its score log): a second one refuses before any work
+    # The inputs and the checkpoint first: a bad one fails before anything is created next to OUT.
+    requests = read_requests(args.run, corpus_path=args.corpus, queries_path=args.queries, top_k=args.top_k)
+    if args.qrels and not args.allow_unjudged:
+        _check_judged(args.qrels, requests, args.run)
+    scorer, key = load_keyed_reranker(args.checkpoint, score_head=args.score_head, dtype=args.dtype,
+                                      batch_size=args.batch_size, max_length=args.max_length,
+                                      truncation=args.truncation, listwise=_listwise_options(args))
+    out = Path(args.output)  # one job per OUT (its score log): a second one refuses before scoring anything
     lock = dir_lock.hold(out.parent, option="--output", target=out,
                          lock_name=f".{out.name}{dir_lock.lock_name(multihost.process_layout()[0])}")
     with lock:
-        requests = read_requests(args.run, corpus_path=args.corpus, queries_path=args.queries, top_k=args.top_k)
-        if args.qrels and not args.allow_unjudged:
-            _check_judged(args.qrels, requests, args.run)
-        scorer, key = load_keyed_reranker(args.checkpoint, score_head=args.score_head, dtype=args.dtype,
-                                          batch_size=args.batch_size, max_length=args.max_length,
-                                          truncation=args.truncation, listwise=_listwise_options(args))
         log_path = Path(f"{out}.scores.jsonl")
         entry.on_interrupt(f"the scores of every finished query are in "
                            f"{multihost.host_path(log_path, '.jsonl', *multihost.process_layout())}")

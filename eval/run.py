@@ -249,11 +249,11 @@ def evaluate(
         raise OptionError("evaluate.mode='rerank' needs a reranker (a RerankerConfig or an object with score_pairs)")
     if mode == "rerank" and isinstance(reranker, RerankerConfig):
         reranker.check()
+    if mode == "rerank" and isinstance(reranker, RerankerConfig):
+        reranker, resume_key = reranker.load()  # a bad checkpoint fails here, before output_dir exists
     lock = dir_lock.hold(output_dir, option="evaluate.output_dir",
                          lock_name=dir_lock.lock_name(multihost.process_layout()[0]))
-    with lock:  # before the load: a second job on this output_dir refuses at once
-        if mode == "rerank" and isinstance(reranker, RerankerConfig):
-            reranker, resume_key = reranker.load()
+    with lock:  # before any data is read or scored: a second job on this output_dir refuses
         out = Path(output_dir)
         results, counts, timings = _evaluate_all(
             names, data_dir=data_path, out=out, stage=stage, scorer=reranker if mode == "rerank" else None,

@@ -43,6 +43,21 @@ def _held_by_another_process(directory: Path, lock_name: str = dir_lock.LOCK_NAM
         proc.wait()
 
 
+@pytest.fixture(autouse=True)
+def _log_streams_outlive_capture():
+    """A handler made while a test captured stderr (absl's, made at its first log record) keeps that capture's
+    stream, which pytest closes after the test; the next record would then print "--- Logging error ---".
+    Point such handlers back at the process's stderr, as they are in a real process."""
+    yield
+    import logging
+    import sys
+
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        for h in (handler, getattr(handler, "python_handler", None)):
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                h.setStream(sys.__stderr__)
+
+
 def _one_line(prog: str, job, capsys) -> str:
     """Run `job` as a console entry does; assert exit 2 and exactly one stderr line, and return it."""
     code = entry.run_console(prog, lambda argv: job() and 0, [])
@@ -95,14 +110,20 @@ def test_faults_second_job_on_one_dir_refuses_with_one_line(tmp_path, capsys):
 
 def test_faults_second_rerank_job_exits_2_naming_the_output(tmp_path):
     """The console command itself, as a user starts it: `python -m eval.rerank_run` on an OUT that a running
-    job holds exits 2 with one line naming --output OUT and this process as the holder."""
+    job holds exits 2 with one line naming --output OUT and this process as the holder (after its inputs and
+    checkpoint are read: a bad one is named first, before anything is created next to OUT)."""
+    from twolar_jax.hf_conversion import save_hf_checkpoint
+    from twolar_jax.model.config import preset
+    from twolar_jax.model.network import init_params
+
+    ckpt = save_hf_checkpoint(tmp_path / "ckpt", preset("tiny"), init_params(preset("tiny"), 0))
     (tmp_path / "run.trec").write_text("q1 Q0 d1 1 1.0 bm25\n")
     (tmp_path / "corpus.tsv").write_text("d1\tsome text\n")
     (tmp_path / "topics.tsv").write_text("q1\ta query\n")
     out = tmp_path / "out" / "reranked.trec"
     lock = dir_lock.acquire(out.parent, option="test", lock_name=f".{out.name}{dir_lock.LOCK_NAME}")
     try:
-        done = run(python_m("eval.rerank_run", "--checkpoint", str(tmp_path), "--run", str(tmp_path / "run.trec"),
+        done = run(python_m("eval.rerank_run", "--checkpoint", str(ckpt), "--run", str(tmp_path / "run.trec"),
                             "--corpus", str(tmp_path / "corpus.tsv"), "--queries", str(tmp_path / "topics.tsv"),
                             "--output", str(out)), cwd=str(tmp_path))
     finally:

@@ -68,8 +68,11 @@ def gin_original(exc: BaseException) -> BaseException:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """True for errors a user fixes (bad input, option, path, binding, a full disk); False for bugs."""
-    exc = gin_original(exc)
+    """True for errors a user fixes (bad input, option, path, binding, a full disk); False for bugs.
+    An OSError is judged by gin's original (its errno); the rest by the message gin added (the call)."""
+    original = gin_original(exc)
+    if isinstance(original, OSError) and original.errno in USER_ERRNOS:
+        return True
     if isinstance(exc, (TwolarError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                         FileExistsError, json.JSONDecodeError, UnicodeDecodeError)):
         return True

@@ -12,14 +12,14 @@ Nothing reads any of them. The batch shape comes from the BATCH_SIZE, GROUP_SIZE
 the run file passes to the data source; everything else is `train(...)`'s own bindings, or its defaults
 where a file binds nothing.
 
-A train compile parses the shipped run file (RUN_DEFAULTS, runs/distill_train.gin) before the user's files,
-so that a model file alone (`--gin_file=models/flan_t5_small.gin`) compiles the run twolar-train would make
-of it with the run's defaults: `train.model = %MODEL_CONFIG` (the model the files name, never `train()`'s
-default 'tiny'), TRAIN_STEPS, BATCH_SIZE, GROUP_SIZE, MAX_LENGTH, the mesh, ..., each overridable by the
-user's files and --gin bindings. The experiments include that file themselves, after their model file, so
-the second parse rebinds every name the first bound: their config is the one they had without it. A needed
-binding that is still unbound (no model file: MODEL_CONFIG), or bound to a value the train step cannot take,
-is a one-line OptionError naming it.
+A train compile parses the shipped run file (RUN_DEFAULTS, runs/distill_train.gin) before the user's files
+when none of them includes a run file, so that a model file alone (`--gin_file=models/flan_t5_small.gin`)
+compiles the run twolar-train would make of it with the run's defaults: `train.model = %MODEL_CONFIG` (the
+model the files name, never `train()`'s default 'tiny'), TRAIN_STEPS, BATCH_SIZE, GROUP_SIZE, MAX_LENGTH, the
+mesh, ..., each overridable by the user's files and --gin bindings. Experiments include their run file
+themselves (the pointwise `runs/distill_train.gin` or the listwise `runs/listwise_train.gin`) and are parsed
+as they are (`includes_run_file`). A needed binding that is still unbound (no model file: MODEL_CONFIG), or
+bound to a value the train step cannot take, is a one-line OptionError naming it.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import importlib.abc
 import inspect
 import re
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import gin
@@ -121,7 +122,10 @@ def parse_job_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
 
     train_module.register_configurables()
     files = list(gin_files)
-    if run_defaults and files:  # no file at all stays parse_gin_flags' "no --gin_file given"
+    # No file at all stays parse_gin_flags' "no --gin_file given"; files that include a run file (every
+    # experiment: the pointwise or the listwise run) are complete without the defaults.
+    run_defaults = run_defaults and bool(files) and not includes_run_file(files, search_paths)
+    if run_defaults:
         files.insert(0, str(resources.gin_dir() / RUN_DEFAULTS))
     try:
         with _without_package(DATA_PACKAGE):
@@ -137,6 +141,26 @@ def parse_job_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
                               "(train.model = %MODEL_CONFIG), and no file binds it: add a model file, e.g. "
                               "--gin_file=models/flan_t5_small.gin") from None
         raise OptionError(f"gin macro {name} is referenced but not bound: add --gin.{name}=VALUE") from None
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
+
+
+def includes_run_file(files: Sequence[str], search_paths: Sequence[str] = ()) -> bool:
+    """Whether the files, or what they include (followed through the gin folder and `search_paths`), include a
+    run file (`runs/...`): then they configure the whole train step and the run defaults would only leak."""
+    roots = [Path.cwd(), resources.gin_dir(), *map(Path, search_paths)]
+    todo, seen = list(files), set()
+    while todo:
+        name = todo.pop()
+        if name.startswith("runs/"):
+            return True
+        path = next((r / name for r in roots if (r / name).is_file()), Path(name))
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        todo.extend(_INCLUDE.findall(path.read_text(encoding="utf-8", errors="replace")))
+    return False
 
 
 def _bound(name: str, default: Any) -> Any:
