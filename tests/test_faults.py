@@ -43,19 +43,25 @@ def _held_by_another_process(directory: Path, lock_name: str = dir_lock.LOCK_NAM
         proc.wait()
 
 
-@pytest.fixture(autouse=True)
-def _log_streams_outlive_capture():
-    """A handler made while a test captured stderr (absl's, made at its first log record) keeps that capture's
-    stream, which pytest closes after the test; the next record would then print "--- Logging error ---".
-    Point such handlers back at the process's stderr, as they are in a real process."""
-    yield
+def _reopen_closed_log_streams() -> None:
     import logging
     import sys
 
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
         for h in (handler, getattr(handler, "python_handler", None)):
             if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
-                h.setStream(sys.__stderr__)
+                h.stream = sys.__stderr__  # not setStream: it flushes the closed stream first
+
+
+@pytest.fixture(autouse=True)
+def _log_streams_outlive_capture():
+    """A handler made while a test captured stderr (absl's, made at its first log record, or one an earlier
+    test file's entry point installed) keeps that capture's stream, which pytest closes after the test; the
+    next record would then print "--- Logging error ---". Point such handlers back at the process's stderr,
+    as they are in a real process, before and after each test."""
+    _reopen_closed_log_streams()
+    yield
+    _reopen_closed_log_streams()
 
 
 def _one_line(prog: str, job, capsys) -> str:
