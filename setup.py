@@ -59,6 +59,7 @@ DATA = [
     "openai>=1.40,<2.34",  # openai >= 2.34 breaks pyserini 1.6's import without a key
     "faiss-cpu>=1.8",
     "importlib_resources>=6",  # tensorflow-datasets 4.9 imports the backport
+    "tiktoken>=0.7",  # twolar-build --dry_run counts OpenAI tokens with it (falls back, named, without its files)
 ]
 BM25 = [
     "pyserini==1.6.0",
