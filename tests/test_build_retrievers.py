@@ -156,6 +156,54 @@ def test_dense_faiss_equals_bruteforce_cls_inner_products(tmp_path):
     assert r2.retrieve(queries, 4) == got
 
 
+def test_dense_encoding_resumes_after_a_crash_and_equals_one_uninterrupted_run(tmp_path, monkeypatch):
+    """Parts of the corpus's embeddings are saved as they finish: a crash in the third part keeps the first
+    two, the re-run encodes only the rest, and the vectors equal a run that never crashed (length-sorted
+    batches included: each row is its own text's vector)."""
+    ckpt = _write_bert(tmp_path / "enc", masked_lm=False, seed=3)
+    corpus = Corpus({f"d{i}": Passage(f"d{i}", "", " ".join(WORDS[: 1 + (7 * i) % 20])) for i in range(23)})
+    monkeypatch.setattr(DenseRetriever, "batches_per_part", 2)
+
+    def retriever(work):
+        return DenseRetriever(query_encoder_path=ckpt, context_encoder_path=ckpt, max_length=32, batch_size=3,
+                              index_dir=str(tmp_path / work))
+
+    whole = retriever("whole")
+    whole.prepare(corpus, tmp_path)
+    expected = np.load(tmp_path / "whole" / "embeddings.npy")
+    assert expected.shape == (23, 32) and not (tmp_path / "whole" / "parts").exists()
+    one_by_one = np.concatenate([whole._encode(whole._query_encoder, [p.contents], 32) for p in corpus.documents()])
+    np.testing.assert_allclose(expected, one_by_one, rtol=1e-5, atol=1e-6)
+
+    calls, real = [], DenseRetriever._encode
+
+    def crash_in_third_part(self, tok_model, texts, max_length, progress=None):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(self, tok_model, texts, max_length, progress)
+
+    monkeypatch.setattr(DenseRetriever, "_encode", crash_in_third_part)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        retriever("resumed").prepare(corpus, tmp_path)
+    parts = tmp_path / "resumed" / "parts"
+    assert sorted(p.name for p in parts.glob("*.npy")) == ["000000.npy", "000001.npy"]
+    assert not (tmp_path / "resumed" / "embeddings.npy").exists()
+    calls.clear()
+    resumed = retriever("resumed")
+    resumed.prepare(corpus, tmp_path)
+    assert calls == [6, 5]  # only the missing parts: the third (6 passages) and the last (5)
+    monkeypatch.setattr(DenseRetriever, "_encode", real)
+    np.testing.assert_allclose(np.load(tmp_path / "resumed" / "embeddings.npy"), expected, rtol=1e-6, atol=1e-7)
+    assert not parts.exists() and resumed.retrieve({"a": "cat fish"}, 4) == whole.retrieve({"a": "cat fish"}, 4)
+
+    # Parts left by another chunk size are discarded, not mixed in.
+    (tmp_path / "other" / "parts").mkdir(parents=True)
+    np.save(tmp_path / "other" / "parts" / "000000.npy", np.ones((6, 32), np.float32))
+    retriever("other").prepare(corpus, tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "other" / "embeddings.npy"), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_dense_mean_pooling_matches_sentence_transformers(tmp_path):
     """pooling='mean' + normalize with the bundled all-MiniLM-L6-v2 equals sentence-transformers' cosine."""
     from sentence_transformers import SentenceTransformer
