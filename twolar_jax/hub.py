@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from twolar_jax.errors import MissingFileError
 
@@ -47,6 +48,28 @@ def resolve_checkpoint(path: str | os.PathLike, *, revision: str | None = None,
             raise MissingFileError(f"{path}: no such checkpoint directory")
         return local
     return _snapshot(path, revision=revision, cache_dir=Path(cache_dir) if cache_dir else hf_cache_dir())
+
+
+def load_pretrained(path: str | os.PathLike, *, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, step: int | None = None) -> tuple[Any, Any, Any]:
+    """(T5Config, params, T5Tokenizer or None) of an HF T5 directory (config.json + weights), a TWOLAR-JAX
+    MODEL_DIR (model_config.json; `step` picks a checkpoint) or a hub id: what both rerankers'
+    `from_pretrained` read. The tokenizer is the directory's spiece.model when it has one."""
+    from twolar_jax.errors import CheckpointError
+    from twolar_jax.tokenizer import T5Tokenizer
+
+    path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
+    if (path / "config.json").exists():
+        from twolar_jax.hf_conversion import load_hf_checkpoint
+        config, params = load_hf_checkpoint(path)
+    elif (path / "model_config.json").exists():
+        from twolar_jax.checkpointing import load_inference_params
+        config, params = load_inference_params(path, step=step)
+    else:
+        raise CheckpointError(f"{path}: neither an HF T5 dir (config.json) nor a TWOLAR-JAX model dir "
+                              "(model_config.json)")
+    tokenizer = T5Tokenizer(path / "spiece.model") if (path / "spiece.model").exists() else None
+    return config, params, tokenizer
 
 
 def _snapshot(repo_id: str, *, revision: str | None, cache_dir: Path) -> Path:

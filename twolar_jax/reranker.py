@@ -17,7 +17,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from twolar_jax import executable_cache, host_heap, partitioning, scoring_runtime
 from twolar_jax.errors import CheckpointError, OptionError, check_choice
@@ -186,19 +185,10 @@ class Reranker:
         HF_HUB_OFFLINE=1). Options are checked before any weights are read."""
         inspect.signature(cls).bind(None, None, **kwargs)  # an unknown option is a TypeError now, not later
         check_options(**kwargs)
-        from twolar_jax.hub import resolve_checkpoint
-        path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
-        if (path / "config.json").exists():
-            from twolar_jax.hf_conversion import load_hf_checkpoint
-            config, params = load_hf_checkpoint(path)
-        elif (path / "model_config.json").exists():
-            from twolar_jax.checkpointing import load_inference_params
-            config, params = load_inference_params(path, step=step)
-        else:
-            raise CheckpointError(f"{path}: neither an HF T5 dir (config.json) nor a TWOLAR-JAX model dir "
-                                  "(model_config.json)")
-        if "tokenizer" not in kwargs and (path / "spiece.model").exists():
-            kwargs["tokenizer"] = T5Tokenizer(path / "spiece.model")
+        from twolar_jax.hub import load_pretrained
+        config, params, tokenizer = load_pretrained(path, revision=revision, cache_dir=cache_dir, step=step)
+        if "tokenizer" not in kwargs and tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
         return cls(config, params, **kwargs)
 
     # --- tokenization ----------------------------------------------------------------------------

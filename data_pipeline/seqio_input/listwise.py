@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from typing import Mapping, Optional, Sequence
 
@@ -32,7 +31,7 @@ from data_pipeline.seqio_input.preprocessors import AUTOTUNE, EOS_ID, LengthSpec
 from data_pipeline.seqio_input.tf_env import tf
 from data_pipeline.seqio_input.vocab import get_vocabulary
 from twolar_jax import gin_utils
-from twolar_jax.errors import FormatError, MissingFileError, OptionError
+from twolar_jax.errors import FormatError, OptionError
 from twolar_jax.ranking import listwise_inputs as li
 from twolar_jax.ranking.features import FID_WINDOW_BATCH
 from twolar_jax.tokenizer import T5Tokenizer
@@ -324,15 +323,12 @@ class ListwiseFiles:
 
     def __post_init__(self) -> None:
         """Fail on a missing or malformed file when gin builds this, before the run writes anything."""
-        for option, path in (("DISTILL_JSONL", self.train_path), ("VALIDATION_JSONL", self.validation_path)):
-            if path and not os.path.isfile(path):
-                raise MissingFileError(f"{path}: no such distillation file ({option})")
+        tasks.check_files_exist(self.train_path, self.validation_path)
         self.register()
 
     def _key(self) -> tuple:
-        stats = tuple((os.path.abspath(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)
-                      for p in (self.train_path, self.validation_path) if p and os.path.exists(p))
-        return (stats, self.seed, self.skip_invalid, tuple(sorted((self.mixture_rates or {}).items())))
+        return (tasks.files_key(self.train_path, self.validation_path), self.seed, self.skip_invalid,
+                tuple(sorted((self.mixture_rates or {}).items())))
 
     def register(self) -> list[str]:
         key = self._key()

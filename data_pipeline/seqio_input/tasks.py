@@ -276,6 +276,19 @@ def register_distill_tfds_tasks(*, data_dir: PathLike, tfds_name: str = "twolar_
 
 
 # ------------------------------------------------------------------------------------------------ gin
+def check_files_exist(train_path: str, validation_path: Optional[str]) -> None:
+    """A missing distillation file fails when gin builds the files object, naming the gin macro it came from."""
+    for option, path in (("DISTILL_JSONL", train_path), ("VALIDATION_JSONL", validation_path)):
+        if path and not os.path.isfile(path):
+            raise MissingFileError(f"{path}: no such distillation file ({option})")
+
+
+def files_key(*paths: Optional[str]) -> tuple:
+    """Path, mtime and size of each file: a rewritten file registers its tasks (and is validated) again."""
+    return tuple((os.path.abspath(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)
+                 for p in paths if p and os.path.exists(p))
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillFiles:
     """The distillation JSONL files of a run and how their tasks read them (gin: `@DistillFiles()`).
@@ -294,16 +307,13 @@ class DistillFiles:
     def __post_init__(self) -> None:
         """Validate the files when gin builds this, before train() writes anything: a missing, empty or
         malformed file fails here, naming the file (and line), not after the model directory exists."""
-        for option, path in (("DISTILL_JSONL", self.train_path), ("VALIDATION_JSONL", self.validation_path)):
-            if path and not os.path.isfile(path):
-                raise MissingFileError(f"{path}: no such distillation file ({option})")
+        check_files_exist(self.train_path, self.validation_path)
         self.register()
 
     def _key(self) -> tuple:
-        stats = tuple((os.path.abspath(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)
-                      for p in (self.train_path, self.validation_path) if p and os.path.exists(p))
         rates = tuple(sorted((self.mixture_rates or {}).items()))
-        return (self.train_path, self.validation_path, stats, self.truncation, self.padding, self.skip_invalid, rates)
+        return (self.train_path, self.validation_path, files_key(self.train_path, self.validation_path),
+                self.truncation, self.padding, self.skip_invalid, rates)
 
     def register(self) -> list[str]:
         global _REGISTERED_KEY, _REGISTERED_NAMES

@@ -17,15 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from twolar_jax import ranking_metrics
-from twolar_jax.errors import CheckpointError, OptionError, check_choice
+from twolar_jax.errors import OptionError, check_choice
 from twolar_jax.generation import fused_encode
-from twolar_jax.model import network
-from twolar_jax.model import scan as model_scan
-from twolar_jax.model.config import RUNTIME_FIELDS, T5Config
+from twolar_jax.model.config import T5Config
 from twolar_jax.model.network import T5
 from twolar_jax.ranking.features import FID_SCORE_BATCH, FID_WINDOW_BATCH
-from twolar_jax.ranking.interface import Batch, PairEncoder, RankingModel
+from twolar_jax.ranking.interface import Batch, PairEncoder
 from twolar_jax.ranking.listwise_inputs import DEFAULT_WINDOW, MAX_IDENTIFIERS
+from twolar_jax.ranking.t5_student import T5Student
 
 LISTWISE_LOSSES = ("lm", "first", "first+lm")
 BRACKET_ID = 784  # "▁[" in the T5 / Flan-T5 vocabulary (checked against the tokenizer in the tests)
@@ -52,7 +51,7 @@ def sequence_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class FiDRanker(RankingModel):
+class FiDRanker(T5Student):
     """A T5 read as Fusion-in-Decoder over windows of `window` passages."""
 
     config: T5Config
@@ -75,34 +74,6 @@ class FiDRanker(RankingModel):
             object.__setattr__(self, "identifier_ids", tuple(int(i) for i in identifier_ids(T5Tokenizer(), self.window)))
         if len(self.identifier_ids) < self.window:
             raise OptionError(f"identifier_ids: {len(self.identifier_ids)} ids for a window of {self.window}")
-
-    # --- parameters ---------------------------------------------------------------------------
-    def init_params(self, rng: jax.Array) -> Any:
-        return network.init_params(self.config, rng)
-
-    def param_logical_axes(self) -> Any:
-        return network.logical_axes(self.config)
-
-    def prepare_params(self, params: Any) -> Any:
-        return model_scan.match_layout(params, self.config)
-
-    @property
-    def param_dtype(self) -> Any:
-        return jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
-
-    def load_init_checkpoint(self, path: str) -> Any:
-        """An HF T5 directory (LiT5-Distill is a plain T5ForConditionalGeneration) with this model's config."""
-        from twolar_jax.hf_conversion import load_hf_checkpoint
-
-        ckpt_config, params = load_hf_checkpoint(path, scan_layers=self.config.scan_layers)
-        runtime = {name: getattr(self.config, name) for name in RUNTIME_FIELDS}
-        if ckpt_config.replace(**runtime) != self.config:
-            raise CheckpointError(f"train.init_checkpoint={path}: its config {ckpt_config} does not match "
-                                  f"the model {self.config}")
-        return params
-
-    def checkpoint_config(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     # --- maths ------------------------------------------------------------------------------------
     def decoder_logits(self, params: Any, tokens: jax.Array, decoder_tokens: jax.Array, *,

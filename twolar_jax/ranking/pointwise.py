@@ -17,18 +17,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from twolar_jax import losses, ranking_metrics, scoring
-from twolar_jax.errors import CheckpointError, OptionError
-from twolar_jax.model import network
-from twolar_jax.model import scan as model_scan
-from twolar_jax.model.config import RUNTIME_FIELDS, T5Config
+from twolar_jax.errors import OptionError
+from twolar_jax.model.config import T5Config
 from twolar_jax.model.network import T5
 from twolar_jax.ranking.features import LISTWISE_GROUP_BATCH, POINTWISE_SCORE_BATCH
-from twolar_jax.ranking.interface import Batch, PairEncoder, RankingModel
+from twolar_jax.ranking.interface import Batch, PairEncoder
 from twolar_jax.ranking.pointwise_inputs import PairEncoder as TemplatePairEncoder
+from twolar_jax.ranking.t5_student import T5Student
 
 
 @dataclasses.dataclass(frozen=True)
-class PointwiseCrossEncoder(RankingModel):
+class PointwiseCrossEncoder(T5Student):
     """A T5 config plus what is computed on top of it: the score head, the loss and its options."""
 
     config: T5Config
@@ -51,34 +50,6 @@ class PointwiseCrossEncoder(RankingModel):
             raise OptionError("loss_options: 'reduction' is set by the trainer (per-query mean over the global batch)")
         if self.score_tokens is None:
             object.__setattr__(self, "score_tokens", scoring.default_score_tokens())
-
-    # --- parameters ---------------------------------------------------------------------------
-    def init_params(self, rng: jax.Array) -> Any:
-        return network.init_params(self.config, rng)
-
-    def param_logical_axes(self) -> Any:
-        return network.logical_axes(self.config)
-
-    def prepare_params(self, params: Any) -> Any:
-        return model_scan.match_layout(params, self.config)  # either tree form in, the config's form out
-
-    def load_init_checkpoint(self, path: str) -> Any:
-        """An HF T5 directory whose config is this model's (up to how it computes: dtype, remat, ...)."""
-        from twolar_jax.hf_conversion import load_hf_checkpoint
-
-        ckpt_config, params = load_hf_checkpoint(path, scan_layers=self.config.scan_layers)
-        runtime = {name: getattr(self.config, name) for name in RUNTIME_FIELDS}
-        if ckpt_config.replace(**runtime) != self.config:
-            raise CheckpointError(f"train.init_checkpoint={path}: its config {ckpt_config} does not match "
-                                  f"the model {self.config}")
-        return params
-
-    def checkpoint_config(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
-    @property
-    def param_dtype(self) -> Any:
-        return jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
 
     # --- maths ------------------------------------------------------------------------------------
     @property
