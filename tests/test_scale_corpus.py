@@ -136,3 +136,4 @@ def test_scale_benchmark_smoke_prints_its_keys(tmp_path):
     held = float(proc.stdout.split("corpus_held_bytes_per_text_byte=")[1].split()[0])
     assert 1.0 <= held <= 2.0
     assert "  2000       read" in proc.stdout and "  2000     search" in proc.stdout
+    assert "2000 docs, " in proc.stdout and "1000 queries, " in proc.stdout  # the index holds every passage
