@@ -79,9 +79,9 @@ class DenseRetriever:
                 f"-{self.pooling}{'-norm' if self.normalize else ''}")
 
     def _encode_parts(self, corpus: Corpus, parts: Path) -> list[Path]:
-        """Encode the corpus in chunks of `batches_per_part` batches, each saved atomically as parts/NNNNNN.npy: a crash or
-        Ctrl-C on an 8.8M-passage corpus loses at most one chunk, and the re-run encodes only what is missing.
-        Parts of another corpus size, chunk size or max_length are discarded, never mixed in."""
+        """Encode the corpus in chunks of `batches_per_part` batches, each saved atomically as parts/NNNNNN.npy:
+        a crash or Ctrl-C on an 8.8M-passage corpus loses at most one chunk, and the re-run encodes only what
+        is missing. Parts of another corpus size, chunk size or max_length are discarded, never mixed in."""
         from tqdm import tqdm
 
         chunk = self.batch_size * self.batches_per_part

@@ -8,6 +8,7 @@ import pytest
 
 from eval import rerank as rerank_mod
 from retrieval import readers, runs
+from tests.eval_helpers import dl19_slice
 from twolar_jax.errors import FormatError
 from eval.run import FirstStage, RerankerConfig, console_main, evaluate
 
@@ -203,15 +204,7 @@ def test_real_tiny_reranker_from_hf_dir(tmp_path, data_dir):
     params = init_params(config, 3)
     ckpt = save_hf_checkpoint(tmp_path / "hf", config, params)
     data = tmp_path / "data"
-    (data / "trec_dl").mkdir(parents=True)
-    cands = json.loads((data_dir / "trec_dl" / "dl19_bm25_top100.json").read_text())[:3]
-    for c in cands:
-        c["hits"] = c["hits"][:8]
-    (data / "trec_dl" / "dl19_bm25_top100.json").write_text(json.dumps(cands))
-    qrels_lines = (data_dir / "trec_dl" / "qrels.dl19-passage.txt").read_text().splitlines()
-    keep = {str(c["hits"][0]["qid"]) for c in cands}
-    (data / "trec_dl" / "qrels.dl19-passage.txt").write_text(
-        "".join(l + "\n" for l in qrels_lines if l.split()[0] in keep))
+    cands = dl19_slice(data_dir, data, n=3, hits=8)
     kw = dict(datasets=["trec_dl/dl19"], data_dir=str(data),
               reranker=RerankerConfig(checkpoint=str(ckpt), batch_size=8, max_length=256), top_k=5)
     res = evaluate(output_dir=str(tmp_path / "a"), **kw)

@@ -13,6 +13,7 @@ from twolar_jax.hf_conversion import save_hf_checkpoint
 from twolar_jax.model.config import preset
 from twolar_jax.model.network import init_params
 from twolar_jax.reranker import Reranker
+from tests.eval_helpers import dl19_slice
 from tests.trec_eval_reference import pytrec_eval_per_query
 
 CONFIG = preset("tiny")
@@ -72,18 +73,6 @@ def test_tied_runs_give_trec_eval_numbers_through_the_job_and_eval_trec(tmp_path
                 [d for d, _ in runs.sort_hits(run[q].items())]
 
 
-def _dl19_slice(data_dir, root, n=3, hits=6):
-    (root / "trec_dl").mkdir(parents=True)
-    cands = json.loads((data_dir / "trec_dl" / "dl19_bm25_top100.json").read_text())[:n]
-    for c in cands:
-        c["hits"] = c["hits"][:hits]
-    (root / "trec_dl" / "dl19_bm25_top100.json").write_text(json.dumps(cands))
-    keep = {str(c["hits"][0]["qid"]) for c in cands}
-    lines = (data_dir / "trec_dl" / "qrels.dl19-passage.txt").read_text().splitlines()
-    (root / "trec_dl" / "qrels.dl19-passage.txt").write_text("".join(l + "\n" for l in lines if l.split()[0] in keep))
-    return cands
-
-
 def _scores_of(run_path, cands, k):
     run = readers.read_run(run_path)
     return np.array([[run[str(c["hits"][0]["qid"])][h["docid"]] for h in c["hits"][:k]] for c in cands], np.float32)
@@ -104,7 +93,7 @@ def _dl19_job(tmp_path, checkpoint, *, top_k):
 
 
 def test_new_weights_at_the_same_path_are_scored_afresh(data_dir, tmp_path, caplog):
-    cands = _dl19_slice(data_dir, tmp_path / "data")
+    cands = dl19_slice(data_dir, tmp_path / "data")
     path = tmp_path / "model"
     kw, run_path = _dl19_job(tmp_path, path, top_k=4)
     params_a, params_b = init_params(CONFIG, 1), init_params(CONFIG, 2)
@@ -135,7 +124,7 @@ def _save_model_dir(model_dir, params, step):
 def test_training_model_dir_is_keyed_by_the_step_loaded(data_dir, tmp_path, caplog):
     from eval.score_log import checkpoint_identity
 
-    cands = _dl19_slice(data_dir, tmp_path / "data")
+    cands = dl19_slice(data_dir, tmp_path / "data")
     model_dir = tmp_path / "model_dir"
     kw, run_path = _dl19_job(tmp_path, model_dir, top_k=3)
     params_a, params_b = init_params(CONFIG, 1), init_params(CONFIG, 2)

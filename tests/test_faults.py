@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from console_cases import REPO, python_m, run, visible_lines
+from tests.os_helpers import mounted_tmpfs
 from tests.train_helpers import SyntheticSource, run_options, tiny_config
 from twolar_jax import checkpointing, dir_lock, entry, summaries
 from twolar_jax.train import train
@@ -218,25 +219,12 @@ def test_faults_corruption_is_only_what_damaged_files_raise():
 
 
 # ------------------------------------------------------------------------------------------ a full disk
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str):
-    """A tmpfs of `size` at `path` (root only; skips where mounting is not allowed)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def test_faults_train_full_disk_during_checkpoint_save_then_resumes(straight, tmp_path, capsys):
     """A 30 MiB tmpfs holds one checkpoint of the tiny model (about 19 MiB) but not two: the save of step 4
     fails as one line (exit 2) naming the checkpoints folder, the full disk and the kept step 2; step 2 and
     the metrics stay. With room again the same call resumes from step 2 and its losses equal the
     uninterrupted run's."""
-    with _tmpfs(tmp_path / "small", "30m") as disk:
+    with mounted_tmpfs(tmp_path / "small", "size=30m") as disk:
         model_dir = disk / "m"
         job = lambda: train(model_dir=str(model_dir), train_batches=SyntheticSource(), total_steps=TOTAL,  # noqa: E731
                             **COMMON)
@@ -294,7 +282,7 @@ def test_faults_build_full_disk_keeps_complete_lines_and_resumes(tmp_path, capsy
                               for q in qids for j in range(n_docs)))
     queries.write_text("".join(f"{q}\tquery {q}\n" for q in qids))
     run_file.write_text("".join(f"{q} Q0 {q}-d{j} {j + 1} {100 - j} bm25\n" for q in qids for j in range(n_docs)))
-    with _tmpfs(tmp_path / "small", "64k") as disk:
+    with mounted_tmpfs(tmp_path / "small", "size=64k") as disk:
         out = disk / "out"
         job = lambda: build(output_dir=str(out), corpus_path=str(corpus), teacher=_ReverseTeacher(),  # noqa: E731
                             retrievers={"bm25": RunFileRetriever(path=str(run_file))},

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from eval import rerank_run
 from eval.listwise import ListwiseOptions
 from retrieval import readers
+from tests.eval_helpers import dl19_slice
 from twolar_jax.errors import OptionError
 from twolar_jax.hf_conversion import save_hf_checkpoint
 from twolar_jax.listwise_reranker import ListwiseReranker
@@ -80,14 +80,7 @@ def test_listwise_eval_job_flags_bind_the_reranker_config(ckpt, data_dir, tmp_pa
     from eval import run as eval_run
 
     data = tmp_path / "data"
-    (data / "trec_dl").mkdir(parents=True)
-    cands = json.loads((data_dir / "trec_dl" / "dl19_bm25_top100.json").read_text())[:2]
-    for c in cands:
-        c["hits"] = c["hits"][:8]
-    (data / "trec_dl" / "dl19_bm25_top100.json").write_text(json.dumps(cands))
-    keep = {str(c["hits"][0]["qid"]) for c in cands}
-    qrels = (data_dir / "trec_dl" / "qrels.dl19-passage.txt").read_text().splitlines()
-    (data / "trec_dl" / "qrels.dl19-passage.txt").write_text("".join(q + "\n" for q in qrels if q.split()[0] in keep))
+    cands = dl19_slice(data_dir, data, n=2, hits=8)
     out = tmp_path / "out"
     code = eval_run.console_main([
         "--gin_file=eval/trec_dl19.gin", f"--gin.evaluate.data_dir='{data}'", f"--gin.evaluate.output_dir='{out}'",

@@ -13,13 +13,13 @@ on a device where a host of four puts two, which moves scores by up to 9 fp32 ul
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.os_helpers import cpu_devices_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "multihost_eval_worker.py"
@@ -29,23 +29,12 @@ QUERIES, TOP_K = 5, 8
 SCORING = ["--batch_size", "8", "--max_length", "128", "--pairs_per_call", str(TOP_K), "--log_level", "WARNING"]
 
 
-def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _start_hosts(record: Path, module: str, *args: str) -> list[subprocess.Popen]:
     """Every host of one multi-host job; host i records what it wrote in `record`.i.json."""
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen([sys.executable, str(WORKER), f"{record}.{i}.json", module, *args, "--multiprocess",
                               f"--coordinator_address=localhost:{port}", f"--process_count={HOSTS}",
-                              f"--process_index={i}"], cwd=REPO, env=_env(DEVICES_PER_HOST),
+                              f"--process_index={i}"], cwd=REPO, env=cpu_devices_env(DEVICES_PER_HOST),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(HOSTS)]
 
 
@@ -88,7 +77,7 @@ REFERENCE = ("import json, sys\n"
 
 def _start_reference(eval_args: list[str], rerank_args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", REFERENCE, json.dumps(eval_args), json.dumps(rerank_args)],
-                            cwd=REPO, env=_env(DEVICES_PER_HOST), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env=cpu_devices_env(DEVICES_PER_HOST), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 

@@ -13,9 +13,7 @@ in host order, so both must take the same steps, up to the order of fp32 reducti
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.os_helpers import cpu_devices_env, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 HOSTS, DEVICES_PER_HOST = 2, 4
 GIN = ["--gin_file=experiments/tiny_smoke.gin", "--gin_file=mesh/fsdp.gin", "--gin.CheckpointConfig.period=2",
@@ -31,22 +31,11 @@ GIN = ["--gin_file=experiments/tiny_smoke.gin", "--gin_file=mesh/fsdp.gin", "--g
 TIMEOUT_S = 420
 
 
-def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _start_hosts(*args: str) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen([sys.executable, "-m", "twolar_jax.train", *args, "--multiprocess",
                                f"--coordinator_address=localhost:{port}", f"--process_count={HOSTS}",
-                               f"--process_index={i}"], cwd=REPO, env=_env(DEVICES_PER_HOST),
+                               f"--process_index={i}"], cwd=REPO, env=cpu_devices_env(DEVICES_PER_HOST),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(HOSTS)]
 
 
@@ -101,7 +90,7 @@ def test_multihost_fsdp_train_validate_and_resume_equal_one_process(tmp_path):
 
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "multihost_reference_worker.py"), str(HOSTS), *GIN,
                            *data, f"--gin.MODEL_DIR='{ref}'", "--gin.TRAIN_STEPS=6"], cwd=REPO,
-                          env=_env(HOSTS * DEVICES_PER_HOST), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=cpu_devices_env(HOSTS * DEVICES_PER_HOST), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Process 0 alone reports: one metrics line per step (the resumed run appends), one TensorBoard writer

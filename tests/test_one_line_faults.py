@@ -2,19 +2,18 @@
 injected into the durable writer), a read-only file system, a folder the user may not write, Ctrl-C; each is
 one stderr line (130 for Ctrl-C), and what was finished survives for the re-run. Third-party start-up chatter
 (TensorFlow, XLA/libtpu, CUDA stubs, absl) stays off stderr unless --log_level=DEBUG."""
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from console_cases import REPO, Case, assert_one_line, python_m, run, user_env, visible_lines
+from tests.os_helpers import mounted_tmpfs
 
 DL = REPO / "data" / "trec_dl"
 CHATTER = re.compile(r"^[IWE]\d{4} |absl|cuInit|cuda|libtpu|TPU_|SLF4J|oneDNN|InitGoogle|Source Location Trace")
@@ -53,19 +52,6 @@ def _rerank(job, output, *extra, queries: int | None = None) -> list[str]:
                     "--batch_size", "16", "--max_length", "64", *extra)
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str):
-    """A tmpfs mounted at `path` (root only; skips where mounting is not allowed)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def _complete_jsonl(path: Path) -> list[dict]:
     text = path.read_text()
     assert text == "" or text.endswith("\n"), "a partial line was left behind"
@@ -75,7 +61,7 @@ def _complete_jsonl(path: Path) -> list[dict]:
 def test_one_line_full_disk_mid_job_keeps_what_was_scored_and_resumes(job, tmp_path):
     """A 12 KiB tmpfs fills while the score log grows: one line naming --output and ENOSPC; the queries scored
     before are complete lines; with room again the same command finishes, scoring only the rest."""
-    with _tmpfs(tmp_path / "small", "size=12k") as disk:
+    with mounted_tmpfs(tmp_path / "small", "size=12k") as disk:
         out = disk / "run.trec"
         failed = run(_rerank(job, out, "--pairs_per_call", "100"), cwd=str(tmp_path))
         assert_one_line(Case("full_disk", (), ("--output", "run.trec.scores.jsonl", "No space left on device")),
@@ -91,7 +77,7 @@ def test_one_line_full_disk_mid_job_keeps_what_was_scored_and_resumes(job, tmp_p
 
 
 def test_one_line_read_only_file_system_named_before_any_work(job, tmp_path):
-    with _tmpfs(tmp_path / "ro", "ro,size=64k") as disk:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=64k") as disk:
         rerank = run(_rerank(job, disk / "run.trec"), cwd=str(tmp_path))
         assert_one_line(Case("ro_rerank", (), ("--output", "Read-only file system")), rerank)
         train = run(python_m("twolar_jax.train", "--gin_file=experiments/tiny_smoke.gin", f"--model_dir={disk}/m",
